@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m ito_jax.demo --workdir=workdirs/demo
+	$(PY) -m ito_jax.main --config=configs/tiny_cpu.py --workdir=workdirs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

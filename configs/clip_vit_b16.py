@@ -1,0 +1,26 @@
+"""CLIP ViT-B/16 with a base text tower (softmax InfoNCE), the real-scale recipe.
+
+Batch and schedule follow OpenCLIP's ViT-B/16 LAION recipe scaled to one pod
+slice; the embedded data set stands in until a converted source is configured.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.base_config()
+  common.vit(c, "B/16")
+  common.text(c, "B")
+  c.model.image.image_size = 224
+  c.model.text.update(vocab_size=32000, context_length=64)
+  c.model.embed_dim = 512
+  c.model.dtype = "bfloat16"
+  c.model.scan_layers = True
+  c.model.temperature_init = 1 / 0.07
+  c.loss.name = "softmax"
+  c.batch_size = 32768
+  c.total_steps = 200_000
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
+  c.optim.update(learning_rate=5e-4, warmup_steps=10_000, weight_decay=0.2, b2=0.98, eps=1e-6)
+  return c

@@ -1,0 +1,201 @@
+"""Every config field ito_jax reads, with its meaning, and the checks that run
+before anything compiles.
+
+An experiment file defines `get_config(arg=None)` that starts from
+`base_config()` and overrides fields. Configs are locked: a misspelt
+`--config.FIELD=VALUE` override fails in ml_collections with the field's name.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ito_jax.models.text import TEXT_SIZES
+from ito_jax.models.vit import parse_variant
+
+LOSSES = ("softmax", "sigmoid")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds parameter init, data order and augmentation.
+  c.total_steps = 1000  # optimizer steps to train for (>= 0).
+  c.log_every_steps = 50  # a metrics.jsonl line every this many steps (> 0).
+  c.eval_every_steps = 500  # held-out evaluation every this many steps, and at the end (> 0).
+  c.batch_size = 128  # global batch (samples, each with M image and N text views).
+
+  # ---- model ----------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.embed_dim = 256  # shared image-text embedding dimension.
+  m.dtype = "float32"  # activation/compute dtype: float32 | bfloat16.
+  m.param_dtype = "float32"  # parameter (and optimizer state) dtype.
+  m.scan_layers = False  # stack blocks and nnx.scan over them (flat compile time in depth).
+  m.remat = "none"  # activation rematerialisation per block: none | full | dots.
+  m.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn; or einsum.
+  m.temperature_init = 10.0  # initial logit scale exp(t) (CLIP uses 1/0.07, SigLIP 10).
+  m.bias_init = -10.0  # initial logit bias b; read by the sigmoid loss only.
+  m.image = ml_collections.ConfigDict()
+  m.image.variant = ""  # informational name, e.g. "B/16"; set sizes with vit().
+  m.image.image_size = 224  # input resolution (square); divisible by patch_size.
+  m.image.patch_size = 16
+  m.image.width = 768
+  m.image.depth = 12
+  m.image.num_heads = 12
+  m.image.mlp_ratio = 4.0
+  m.text = ml_collections.ConfigDict()
+  m.text.variant = ""  # informational name, e.g. "B"; set sizes with text().
+  m.text.vocab_size = 8192  # also the size the sentencepiece tokenizer is trained to.
+  m.text.context_length = 32  # tokens per caption, EOS included.
+  m.text.width = 512
+  m.text.depth = 12
+  m.text.num_heads = 8
+  m.text.mlp_ratio = 4.0
+  m.fusion = ml_collections.ConfigDict()
+  m.fusion.enabled = False  # build the ITO training-time fusion head.
+  m.fusion.width = 256  # the head's own width.
+  m.fusion.depth = 1  # cross-attention blocks (1-2 is "lightweight").
+  m.fusion.num_heads = 4
+  m.fusion.mlp_ratio = 2.0
+
+  # ---- objective ------------------------------------------------------------
+  c.loss = l = ml_collections.ConfigDict()
+  l.name = "softmax"  # softmax (CLIP InfoNCE) | sigmoid (SigLIP).
+  l.num_image_views = 1  # M: augmented image views per sample.
+  l.num_text_views = 1  # N: caption views per sample.
+  l.itm_weight = 0.0  # weight of the fusion head's image-text matching loss.
+  l.anchor_weight = 0.0  # weight of the fusion head's fused-anchor alignment loss.
+
+  # ---- optimizer: AdamW, linear warmup then cosine decay, global-norm clipping
+  c.optim = o = ml_collections.ConfigDict()
+  o.learning_rate = 1e-3  # peak learning rate.
+  o.warmup_steps = 100
+  o.end_learning_rate_factor = 0.0  # final lr = learning_rate * this.
+  o.weight_decay = 0.1  # applied to kernels and embeddings, not to norms, biases or scalars.
+  o.b1 = 0.9
+  o.b2 = 0.98
+  o.eps = 1e-6
+  o.grad_clip_norm = 1.0  # clip the global gradient norm to this (0 disables).
+
+  # ---- data -----------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.dataset = "ito_shapes"  # the embedded synthetic captioned-shapes data set.
+  d.data_dir = ""  # where the TFDS data set is built/read; "" means WORKDIR/data.
+  d.num_train = 8000  # training examples generated.
+  d.num_eval = 500  # examples in each of the validation and test splits.
+  d.num_workers = 0  # grain worker processes for decode/augment (0: in-process).
+  d.crop_scale = (0.7, 1.0)  # random-resized-crop area range.
+  d.flip = False  # horizontal flip; off because captions name left and right.
+  d.word_dropout = 0.1  # word dropout for augmented text views.
+
+  # ---- devices --------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size; -1 means "the devices left over".
+  c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis (batch is split over data x fsdp).
+  c.mesh.tensor = 1  # tensor-parallel axis for attention heads and MLP hidden units.
+  # Logical axis name -> mesh axes. Parameters carry these names in the model.
+  c.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("vocab", "tensor"),
+      ("joint", None),
+      ("layers", None),
+  )
+
+  # ---- evaluation -----------------------------------------------------------
+  c.eval = e = ml_collections.ConfigDict()
+  e.split = "test"  # held-out split for the final eval.json.
+  e.batch_size = 256  # embedding batch for evaluation.
+  e.templates = ("a {}.", "a picture of a {}.", "there is a {}.")  # zero-shot prompts.
+  c.lock()  # unknown fields (typos in files or overrides) raise, naming the field
+  return c
+
+
+def vit(c: ml_collections.ConfigDict, variant: str) -> None:
+  """Sets the image tower to a named size, e.g. vit(c, 'B/16')."""
+  c.model.image.variant = variant
+  c.model.image.update(parse_variant(variant))
+
+
+def text(c: ml_collections.ConfigDict, size: str) -> None:
+  """Sets the text tower to a named size ('Ti', 'S', 'B', 'L')."""
+  if size not in TEXT_SIZES:
+    raise ValueError(f"unknown text size {size!r}; expected one of {sorted(TEXT_SIZES)}")
+  width, depth, heads = TEXT_SIZES[size]
+  c.model.text.update(variant=size, width=width, depth=depth, num_heads=heads)
+
+
+class ConfigError(ValueError):
+  """An invalid setting, named by its field."""
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
+  """Raises ConfigError naming the first invalid field. Runs before compiling."""
+  for field in ("total_steps",):
+    _require(isinstance(c[field], int) and c[field] >= 0, field,
+             f"must be a non-negative integer, got {c[field]!r}")
+  for field in ("log_every_steps", "eval_every_steps", "batch_size"):
+    _require(isinstance(c[field], int) and c[field] > 0, field,
+             f"must be a positive integer, got {c[field]!r}")
+  _require(c.batch_size % num_devices == 0, "batch_size",
+           f"{c.batch_size} is not divisible by the device count {num_devices}")
+  _require(c.batch_size % num_processes == 0, "batch_size",
+           f"{c.batch_size} is not divisible by the process count {num_processes}")
+  _require(c.loss.name in LOSSES, "loss.name", f"unknown loss {c.loss.name!r}; expected one of {LOSSES}")
+  for field in ("num_image_views", "num_text_views"):
+    _require(isinstance(c.loss[field], int) and c.loss[field] >= 1, f"loss.{field}",
+             f"must be an integer >= 1, got {c.loss[field]!r}")
+  for field in ("itm_weight", "anchor_weight"):
+    _require(c.loss[field] >= 0, f"loss.{field}", f"must be >= 0, got {c.loss[field]}")
+    _require(c.loss[field] == 0 or c.model.fusion.enabled, f"loss.{field}",
+             "is non-zero but model.fusion.enabled is False")
+
+  m = c.model
+  _require(m.dtype in DTYPES, "model.dtype", f"expected one of {DTYPES}, got {m.dtype!r}")
+  _require(m.param_dtype in DTYPES, "model.param_dtype", f"expected one of {DTYPES}, got {m.param_dtype!r}")
+  _require(m.remat in ("none", "full", "dots"), "model.remat", f"expected none|full|dots, got {m.remat!r}")
+  _require(m.attention in ("xla", "cudnn", "einsum"), "model.attention",
+           f"expected xla|cudnn|einsum, got {m.attention!r}")
+  _require(m.embed_dim > 0, "model.embed_dim", f"must be positive, got {m.embed_dim}")
+  _require(m.temperature_init > 0, "model.temperature_init", f"must be positive, got {m.temperature_init}")
+  towers = [("model.image", m.image), ("model.text", m.text)]
+  if m.fusion.enabled:
+    towers.append(("model.fusion", m.fusion))
+  for name, t in towers:
+    for field in ("width", "depth", "num_heads"):
+      _require(isinstance(t[field], int) and t[field] > 0, f"{name}.{field}",
+               f"must be a positive integer, got {t[field]!r}")
+    _require(t.width % t.num_heads == 0, f"{name}.width",
+             f"{t.width} is not divisible by num_heads {t.num_heads}")
+    _require(t.mlp_ratio > 0, f"{name}.mlp_ratio", f"must be positive, got {t.mlp_ratio}")
+  _require(m.image.patch_size > 0 and m.image.image_size % m.image.patch_size == 0,
+           "model.image.patch_size",
+           f"{m.image.patch_size} does not divide image_size {m.image.image_size}")
+  _require(m.text.vocab_size >= 16, "model.text.vocab_size", f"must be >= 16, got {m.text.vocab_size}")
+  _require(m.text.context_length >= 2, "model.text.context_length",
+           f"must be >= 2, got {m.text.context_length}")
+
+  o = c.optim
+  _require(o.learning_rate > 0, "optim.learning_rate", f"must be positive, got {o.learning_rate}")
+  _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+  _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+  _require(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}")
+
+  d = c.data
+  _require(d.dataset == "ito_shapes", "data.dataset", f"unknown data set {d.dataset!r}")
+  _require(d.num_train > 0 and d.num_eval > 0, "data.num_train",
+           "num_train and num_eval must be positive")
+  lo, hi = d.crop_scale
+  _require(0 < lo <= hi <= 1, "data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
+  _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  _require(c.eval.split in ("validation", "test"), "eval.split", f"expected validation|test, got {c.eval.split!r}")
+  _require(len(c.eval.templates) > 0 and all("{}" in t for t in c.eval.templates),
+           "eval.templates", "need at least one template, each with a '{}' for the class name")

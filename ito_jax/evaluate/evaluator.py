@@ -1,0 +1,67 @@
+"""Held-out evaluation: embeds the eval split once and reports zero-shot
+accuracy, retrieval recall@K and modality-gap figures."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ito_jax.evaluate import gap, retrieval, zeroshot
+
+
+@nnx.jit
+def _embed_images(model, images):
+  return model.encode_image(images)
+
+
+@nnx.jit
+def _embed_texts(model, tokens):
+  return model.encode_text(tokens)
+
+
+def embed_in_batches(fn, model, array, batch_size: int) -> np.ndarray:
+  """Applies fn over the leading axis in fixed-size batches (the last one is
+  padded so a single compiled shape serves every call)."""
+  out = []
+  for start in range(0, len(array), batch_size):
+    chunk = array[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+    out.append(np.asarray(fn(model, jnp.asarray(chunk)))[:n])
+  return np.concatenate(out)
+
+
+class Evaluator:
+  """Evaluator(config, eval_data, tokenizer).run(model) -> {name: value}."""
+
+  def __init__(self, config: ml_collections.ConfigDict, eval_data: dict, tokenizer):
+    self.config = config
+    self.data = eval_data
+    names = eval_data["class_names"]
+    prompts = [t.format(n) for n in names for t in config.eval.templates]
+    self.prompt_tokens = tokenizer.encode_batch(prompts, config.model.text.context_length)
+    self.num_classes, self.num_templates = len(names), len(config.eval.templates)
+
+  def embed(self, model) -> dict:
+    bs = self.config.eval.batch_size
+    images = self.data["images"]  # [E, H, W, 3]
+    captions = self.data["tokens"]  # [E, C, L]
+    e, c, length = captions.shape
+    image_emb = embed_in_batches(_embed_images, model, images, bs)
+    caption_emb = embed_in_batches(_embed_texts, model, captions.reshape(e * c, length), bs)
+    prompt_emb = embed_in_batches(_embed_texts, model, self.prompt_tokens, bs)
+    return dict(image=image_emb, caption=caption_emb.reshape(e, c, -1),
+                prompt=prompt_emb.reshape(self.num_classes, self.num_templates, -1))
+
+  def run(self, model) -> dict:
+    emb = self.embed(model)
+    metrics = {}
+    metrics.update(zeroshot.accuracy(emb["image"], zeroshot.class_embeddings(emb["prompt"]),
+                                     self.data["labels"]))
+    metrics.update(retrieval.recall_at_k(emb["image"], emb["caption"]))
+    metrics.update(gap.gap_metrics(emb["image"], emb["caption"][:, 0]))
+    return metrics

@@ -1,0 +1,77 @@
+"""Device mesh, logical-axis rules and input placement.
+
+The mesh has axes ('data', 'fsdp', 'tensor'); a size of -1 means "the rest of
+the devices". All axes are Auto so GSPMD propagates shardings from parameters
+(annotated with logical names in the model) and from the batch, which is
+split over data x fsdp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  sizes = [config.mesh[a] for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  for axis, s in zip(MESH_AXES, sizes):
+    if s == 0 or s < -1:
+      raise ValueError(f"config.mesh.{axis}: must be positive or -1, got {s}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh: fixed axes {dict(zip(MESH_AXES, sizes))} do not divide "
+                       f"the {num_devices} devices")
+    sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_rules(config: ml_collections.ConfigDict):
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in config.logical_axis_rules)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def put_batch(batch: dict, mesh) -> dict:
+  """Assembles global arrays from this process's part of the batch."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def state_shardings(state):
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def abstract_state_shardings(model_and_optimizer, mesh, config):
+  """Shardings for an nnx state from its logical annotations (no allocation)."""
+  with nnx.logical_axis_rules(logical_rules(config)):
+    specs = nnx.get_partition_spec(nnx.state(model_and_optimizer))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)

@@ -1,0 +1,168 @@
+"""The trainer: one jitted, sharded step function and the loop around it.
+
+Reads top to bottom: optimizer, state, step, inputs, loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from configs import common
+from ito_jax import objective, sharding
+from ito_jax.data import pipeline, synthetic
+from ito_jax.data import tokenizer as tokenizer_lib
+from ito_jax.evaluate.evaluator import Evaluator
+from ito_jax.metrics import MetricsWriter
+from ito_jax.models.ito import ItoModel
+
+# =============================================================================
+# Optimizer: AdamW, warmup + cosine, clipping, decay on kernels/embeddings only
+# =============================================================================
+_DECAYED = ("kernel", "embedding", "pos_embedding")
+
+
+def decay_mask(params):
+  """True for leaves that get weight decay: matrices and embeddings, never
+  norms, biases or the temperature/bias scalars. Decided by name, because
+  scanned layers give biases a leading `layers` axis."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[-1], "key", path[-1])) in _DECAYED, params)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict):
+  o = config.optim
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
+      decay_steps=max(config.total_steps, o.warmup_steps + 1),
+      end_value=o.learning_rate * o.end_learning_rate_factor)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optim
+  adamw = optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                      weight_decay=o.weight_decay, mask=decay_mask)
+  if o.grad_clip_norm:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adamw)
+  return adamw
+
+
+# =============================================================================
+# State: model + optimizer, created sharded on the mesh
+# =============================================================================
+def create_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
+  """Builds the model and its optimizer with parameters placed by their
+  logical axis names on `mesh`."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(config)):
+    model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
+    optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+  return model, optimizer
+
+
+# =============================================================================
+# Step: pure function of (state, batch), jitted with explicit shardings
+# =============================================================================
+def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.ConfigDict):
+  """Returns step(state, batch) -> (state, metrics), donating the old state."""
+
+  def step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    (_, metrics), grads = nnx.value_and_grad(
+        lambda m: objective.compute_loss(m, batch, config), has_aux=True)(model)
+    optimizer.update(model, grads)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["logit_scale"] = model.logit_scale
+    metrics["temperature"] = 1.0 / model.logit_scale
+    return nnx.state((model, optimizer)), metrics
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+# =============================================================================
+# Inputs: data set, tokenizer, train iterator and held-out arrays
+# =============================================================================
+def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
+  data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  builder = synthetic.prepare(data_dir, num_train=config.data.num_train,
+                              num_eval=config.data.num_eval, seed=config.seed)
+  tok_path = os.path.join(workdir, "tokenizer.model")
+  if os.path.exists(tok_path):
+    tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
+  else:
+    tokenizer = tokenizer_lib.train_tokenizer(
+        synthetic.train_captions(builder), tok_path, config.model.text.vocab_size)
+  return builder, tokenizer
+
+
+# =============================================================================
+# Loop
+# =============================================================================
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains for config.total_steps, evaluates periodically, writes
+  WORKDIR/metrics.jsonl and WORKDIR/eval.json; returns the final eval metrics."""
+  common.validate(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  builder, tokenizer = prepare_inputs(config, workdir)
+  train_iter = iter(pipeline.train_dataset(
+      config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()))
+  evaluator = Evaluator(config, pipeline.eval_arrays(config, tokenizer, config.eval.split),
+                        tokenizer)
+
+  model, optimizer = create_model_and_optimizer(config, mesh)
+  graphdef, state = nnx.split((model, optimizer))
+  state_shardings = sharding.state_shardings(state)
+  train_step = make_train_step(graphdef, state_shardings, mesh, config)
+  schedule = learning_rate_schedule(config)
+  writer = MetricsWriter(workdir)
+  start_step = 0
+  writer.truncate_after(start_step)  # a rerun rewrites the steps it trains again
+
+  eval_metrics: dict = {}
+  t_last, steps_since_log = time.perf_counter(), 0
+  bar = tqdm(total=config.total_steps, desc="train", unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  for step in range(start_step + 1, config.total_steps + 1):
+    batch = sharding.put_batch(next(train_iter), mesh)
+    state, metrics = train_step(state, batch)
+    steps_since_log += 1
+    bar.update(1)
+    if step % config.log_every_steps == 0 or step == config.total_steps:
+      metrics = jax.device_get(metrics)  # the loop's only host sync between evals
+      elapsed = time.perf_counter() - t_last
+      metrics["learning_rate"] = schedule(step - 1)
+      metrics["examples_per_sec"] = steps_since_log * config.batch_size / elapsed
+      metrics["steps_per_sec"] = steps_since_log / elapsed
+      writer.write(step, metrics)
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+      t_last, steps_since_log = time.perf_counter(), 0
+    if step % config.eval_every_steps == 0 or step == config.total_steps:
+      nnx.update((model, optimizer), state)
+      eval_metrics = evaluator.run(model)
+      writer.write(step, eval_metrics)
+      t_last = time.perf_counter()  # evaluation time is not training throughput
+  bar.close()
+
+  if config.total_steps == 0:
+    eval_metrics = evaluator.run(model)
+  eval_metrics = {"step": config.total_steps, **eval_metrics}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(eval_metrics, f, indent=2, sort_keys=True)
+  if hasattr(train_iter, "close"):
+    train_iter.close()
+  return eval_metrics

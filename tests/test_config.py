@@ -1,0 +1,68 @@
+"""Invalid settings fail before anything is built or compiled, naming the field."""
+
+import os
+
+import pytest
+
+from configs import bench_s, clip_vit_b16, common, siglip_vit_b16, tiny_cpu
+from ito_jax import train
+
+
+def tiny():
+  return tiny_cpu.get_config("runlocal")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("loss.name", "hinge", "config.loss.name: unknown loss 'hinge'"),
+    ("total_steps", -5, "config.total_steps: must be a non-negative integer"),
+    ("batch_size", 0, "config.batch_size: must be a positive integer"),
+    ("model.image.num_heads", 5, "config.model.image.width: 128 is not divisible by num_heads 5"),
+    ("model.text.num_heads", 3, "config.model.text.width: 128 is not divisible by num_heads 3"),
+    ("model.image.patch_size", 5, "config.model.image.patch_size: 5 does not divide image_size 32"),
+    ("model.image.depth", 0, "config.model.image.depth: must be a positive integer"),
+    ("model.dtype", "float8", "config.model.dtype"),
+    ("loss.num_image_views", 0, "config.loss.num_image_views"),
+    ("loss.itm_weight", 1.0, "config.loss.itm_weight: is non-zero but model.fusion.enabled is False"),
+    ("optim.learning_rate", -1.0, "config.optim.learning_rate"),
+    ("eval.templates", ("no placeholder",), "config.eval.templates"),
+])
+def test_invalid_field_fails_before_anything_is_built(tmp_path, field, value, match):
+  config = tiny()
+  section, _, name = field.rpartition(".")
+  target = config
+  for part in filter(None, section.split(".")):
+    target = target[part]
+  target[name] = value
+  with pytest.raises(common.ConfigError, match=match.replace("(", r"\(")):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w"), "nothing may be written before validation"
+
+
+def test_batch_not_divisible_by_device_count():
+  config = tiny()
+  config.batch_size = 100
+  with pytest.raises(common.ConfigError, match="config.batch_size: 100 is not divisible by the device count 8"):
+    common.validate(config, num_devices=8)
+
+
+def test_unknown_field_names_the_field():
+  config = tiny()
+  with pytest.raises(AttributeError, match="lerning_rate"):
+    config.optim.lerning_rate = 1.0
+
+
+@pytest.mark.parametrize("module", [tiny_cpu, clip_vit_b16, siglip_vit_b16, bench_s])
+def test_shipped_configs_are_valid(module):
+  config = module.get_config()
+  common.validate(config, num_devices=1)
+  assert config.is_locked
+
+
+def test_named_sizes():
+  config = common.base_config()
+  common.vit(config, "L/14")
+  assert (config.model.image.width, config.model.image.depth, config.model.image.patch_size) == (1024, 24, 14)
+  with pytest.raises(ValueError, match="unknown ViT variant 'H/14'"):
+    common.vit(config, "H/14")
+  with pytest.raises(ValueError, match="unknown text size"):
+    common.text(config, "XXL")
