@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ito_jax.evaluate import gap
 from ito_jax.losses import contrastive
+from ito_jax.losses import fusion as fusion_losses
 from ito_jax.models.ito import ItoModel
 
 
@@ -34,17 +36,6 @@ def embed_batch(model: ItoModel, batch: dict):
   )
 
 
-def saturation_stats(logits):
-  """logits: [B, B] image->text (view 0). Fraction of positives with softmax
-  probability > 0.99, and mean positive-minus-hardest-negative margin."""
-  b = logits.shape[0]
-  probs = jax.nn.softmax(logits, axis=-1)
-  diag = jnp.diagonal(logits)
-  hardest = jnp.max(jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, logits), axis=-1)
-  return {"saturation/frac_p_gt_099": jnp.mean(jnp.diagonal(probs) > 0.99),
-          "saturation/margin": jnp.mean(diag - hardest)}
-
-
 def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict):
   """Returns (loss, metrics) for one batch; metrics are scalars for logging."""
   out = embed_batch(model, batch)
@@ -54,19 +45,24 @@ def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict
   metrics = {"loss/align": align}
 
   view0_logits = scale * out["image_emb"][:, 0] @ out["text_emb"][:, 0].T  # [B, B]
-  metrics.update(saturation_stats(jax.lax.stop_gradient(view0_logits)))
+  metrics.update({f"saturation/{k}": v
+                  for k, v in gap.saturation(jax.lax.stop_gradient(view0_logits)).items()})
+  centroid_gap = jnp.mean(out["image_emb"], axis=(0, 1)) - jnp.mean(out["text_emb"], axis=(0, 1))
+  metrics["gap/batch_centroid_distance"] = jnp.linalg.norm(jax.lax.stop_gradient(centroid_gap))
 
   if model.fusion_head is not None and (config.loss.itm_weight or config.loss.anchor_weight):
-    from ito_jax.losses import fusion as fusion_losses
     head = model.fusion_head
+    fused = None
     if config.loss.itm_weight:
       itm, itm_aux = fusion_losses.itm_loss(
           head, out["text_tokens"], out["text_mask"], out["image_tokens"], view0_logits)
+      fused = itm_aux.pop("fused_positive")
       loss = loss + config.loss.itm_weight * itm
       metrics["loss/itm"] = itm
       metrics.update({f"fusion/{k}": v for k, v in itm_aux.items()})
     if config.loss.anchor_weight:
-      fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])
+      if fused is None:
+        fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])
       anchor, _ = fusion_losses.anchor_loss(
           out["image_emb"][:, 0], out["text_emb"][:, 0], head.anchor(fused), scale)
       loss = loss + config.loss.anchor_weight * anchor

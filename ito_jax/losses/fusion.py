@@ -80,7 +80,8 @@ def itm_loss(head, text_tokens, text_mask, image_tokens, similarity):
   text_tokens [B,T,Dt], text_mask [B,T] bool, image_tokens [B,P,Dv],
   similarity [B,B] (image rows, text columns). The head sees 3B pairs in one
   call: (image i, text i) label 1; (image i, hardest text for i) and
-  (hardest image for text j, text j) label 0.
+  (hardest image for text j, text j) label 0. aux['fused_positive'] [B, width]
+  holds the true pairs' fused vectors.
   """
   neg_text, neg_image = mine_hard_negatives(similarity)  # [B], [B]
   texts = jnp.concatenate(
@@ -89,9 +90,13 @@ def itm_loss(head, text_tokens, text_mask, image_tokens, similarity):
       [text_mask, text_mask[neg_text], text_mask], axis=0)  # [3B,T]
   images = jnp.concatenate(
       [image_tokens, image_tokens, image_tokens[neg_image]], axis=0)  # [3B,P,Dv]
-  logits = head.match_logit(head(texts, masks, images))  # [3B]
+  fused = head(texts, masks, images)  # [3B, width]
+  logits = head.match_logit(fused)  # [3B]
   batch = text_tokens.shape[0]
-  return itm_loss_from_logits(logits[:batch], logits[batch:])
+  loss, aux = itm_loss_from_logits(logits[:batch], logits[batch:])
+  # The true pairs' fused vectors, so the anchor loss need not run the head again.
+  aux['fused_positive'] = fused[:batch]
+  return loss, aux
 
 
 def _symmetric_info_nce(logits):
