@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.dataset = "ito_shapes"  # the embedded synthetic captioned-shapes data set.
   d.data_dir = ""  # where the TFDS data set is built/read; "" means WORKDIR/data.
+  d.seed = 0  # seeds data set generation (independent of the training seed).
   d.num_train = 8000  # training examples generated.
   d.num_eval = 500  # examples in each of the validation and test splits.
   d.num_workers = 0  # grain worker processes for decode/augment (0: in-process).

@@ -12,7 +12,7 @@ def get_config(arg=None):
   c.batch_size = 128
   c.model.embed_dim = 128
   c.model.image.update(variant="tiny/8", image_size=32, patch_size=8, width=128, depth=4, num_heads=4)
-  c.model.text.update(variant="tiny", vocab_size=512, context_length=16, width=128, depth=2, num_heads=4)
+  c.model.text.update(variant="tiny", vocab_size=512, context_length=24, width=128, depth=2, num_heads=4)
   c.model.fusion.update(width=128, depth=1, num_heads=4)
   c.model.temperature_init = 1 / 0.07
   c.optim.learning_rate = 2e-3

@@ -92,16 +92,16 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
 # Inputs: data set, tokenizer, train iterator and held-out arrays
 # =============================================================================
 def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
+  """Builds (once) the data set and the tokenizer the run uses; returns
+  (data_dir, tokenizer). The tokenizer is trained on the training captions and
+  saved in the workdir, so a resumed or exported run reads the same one."""
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
-  builder = synthetic.prepare(data_dir, num_train=config.data.num_train,
-                              num_eval=config.data.num_eval, seed=config.seed)
+  builder = pipeline.builder_for(config, data_dir)
   tok_path = os.path.join(workdir, "tokenizer.model")
   if os.path.exists(tok_path):
-    tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
-  else:
-    tokenizer = tokenizer_lib.train_tokenizer(
-        synthetic.train_captions(builder), tok_path, config.model.text.vocab_size)
-  return builder, tokenizer
+    return data_dir, tokenizer_lib.Tokenizer.load(tok_path)
+  return data_dir, tokenizer_lib.train_tokenizer(
+      synthetic.train_captions(builder), tok_path, config.model.text.vocab_size)
 
 
 # =============================================================================
@@ -117,11 +117,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  builder, tokenizer = prepare_inputs(config, workdir)
+  data_dir, tokenizer = prepare_inputs(config, workdir)
   train_iter = iter(pipeline.train_dataset(
-      config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()))
-  evaluator = Evaluator(config, pipeline.eval_arrays(config, tokenizer, config.eval.split),
-                        tokenizer)
+      config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+      data_dir=data_dir))
+  evaluator = Evaluator(
+      config, pipeline.eval_arrays(config, tokenizer, config.eval.split, data_dir=data_dir),
+      pipeline.class_names(config, data_dir), tokenizer)
 
   model, optimizer = create_model_and_optimizer(config, mesh)
   graphdef, state = nnx.split((model, optimizer))

@@ -36,12 +36,12 @@ def embed_in_batches(fn, model, array, batch_size: int) -> np.ndarray:
 
 
 class Evaluator:
-  """Evaluator(config, eval_data, tokenizer).run(model) -> {name: value}."""
+  """Evaluator(config, eval_data, class_names, tokenizer).run(model) -> {name: value}."""
 
-  def __init__(self, config: ml_collections.ConfigDict, eval_data: dict, tokenizer):
+  def __init__(self, config: ml_collections.ConfigDict, eval_data: dict, class_names, tokenizer):
     self.config = config
     self.data = eval_data
-    names = eval_data["class_names"]
+    names = list(class_names)
     prompts = [t.format(n) for n in names for t in config.eval.templates]
     self.prompt_tokens = tokenizer.encode_batch(prompts, config.model.text.context_length)
     self.num_classes, self.num_templates = len(names), len(config.eval.templates)
