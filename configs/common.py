@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from ito_jax.losses import ot as ot_lib
 from ito_jax.models.text import TEXT_SIZES
 from ito_jax.models.vit import parse_variant
 
@@ -65,6 +66,35 @@ def base_config() -> ml_collections.ConfigDict:
   l.num_text_views = 1  # N: caption views per sample.
   l.itm_weight = 0.0  # weight of the fusion head's image-text matching loss.
   l.anchor_weight = 0.0  # weight of the fusion head's fused-anchor alignment loss.
+  l.ot_weight = 0.0  # λ_ot: weight of the OT regularizer R_ot (c.ot); 0 turns it off (contrastive only).
+
+  # ---- OT regularizer R_ot (DESIGN.md "R_ot"; ito_jax/losses/ot.py) ----------
+  # Measures: with partial.enabled, the image and the text embeddings of the
+  # unaligned batches (K = 2); otherwise each image and text view of the batch
+  # (K = M + N). The solver fields come from ot.default_config():
+  #   variant                loop | barycenter.
+  #   cost                   cosine (1 - cos) | sqeuclidean (= 2 (1 - cos) on unit vectors: use ~2x eps).
+  #   epsilon                entropic regularisation, in units of the cost.
+  #   num_iterations         Sinkhorn iterations per solve, fixed (same compiled step every time).
+  #   gamma                  loop: weight of the cycle-consistency term.
+  #   weights                barycenter: per-measure weights w_k (length K); None = uniform.
+  #   barycenter_size        barycenter: support points of nu*; None = mean measure size.
+  #   barycenter_iterations  barycenter: outer fixed-point iterations for nu*.
+  c.ot = ot_lib.default_config()
+  c.ot.start_step = 0  # R_ot enters after this many optimizer steps (a warmup); gated in the jitted step.
+  c.ot.include_aligned = False  # partial mode: also put the aligned batch's embeddings into the measures.
+
+  # ---- partially aligned data (DESIGN.md "R_ot"; ito_jax/data/partial.py) ----
+  # A fraction of the training samples stays as aligned pairs; the rest is split
+  # into disjoint halves, an image pool (images only) and a text pool (captions
+  # only), so no true pair exists between the pools. The split is a function of
+  # data.seed. Each step reads batch_size aligned pairs (contrastive/ITO losses)
+  # and unaligned_batch_size images and texts (R_ot).
+  c.partial = p = ml_collections.ConfigDict()
+  p.enabled = False  # train in partially aligned mode.
+  p.aligned_fraction = 0.05  # ρ: fraction of all training samples kept as aligned pairs (0 < ρ < 1).
+  p.unseen_classes = ()  # class ids found only in the unaligned pools; eval reports seen/unseen apart.
+  p.unaligned_batch_size = 128  # global count of unaligned images, and of unaligned texts, per step.
 
   # ---- optimizer: AdamW, linear warmup then cosine decay, global-norm clipping
   c.optim = o = ml_collections.ConfigDict()
@@ -197,6 +227,60 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   lo, hi = d.crop_scale
   _require(0 < lo <= hi <= 1, "data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
   _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  _validate_ot_and_partial(c, num_devices, num_processes)
   _require(c.eval.split in ("validation", "test"), "eval.split", f"expected validation|test, got {c.eval.split!r}")
   _require(len(c.eval.templates) > 0 and all("{}" in t for t in c.eval.templates),
            "eval.templates", "need at least one template, each with a '{}' for the class name")
+
+
+# Fields of the `ot` section that the trainer reads; the rest go to the solver.
+OT_TRAINER_FIELDS = ("start_step", "include_aligned")
+
+
+def ot_solver_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `ot` section without the trainer's fields: what ito_jax.losses.ot reads."""
+  return ml_collections.ConfigDict({k: v for k, v in c.ot.items() if k not in OT_TRAINER_FIELDS})
+
+
+def num_ot_measures(c: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(K, total points) of R_ot's measures for this config."""
+  if c.partial.enabled:
+    per_measure = c.partial.unaligned_batch_size + (c.batch_size if c.ot.include_aligned else 0)
+    return 2, 2 * per_measure
+  views = c.loss.num_image_views + c.loss.num_text_views
+  return views, views * c.batch_size
+
+
+def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+  from ito_jax.data import synthetic  # lazy: the data layer is heavier than the config
+
+  _require(c.loss.ot_weight >= 0, "loss.ot_weight", f"must be >= 0, got {c.loss.ot_weight}")
+  _require(isinstance(c.ot.start_step, int) and c.ot.start_step >= 0, "ot.start_step",
+           f"must be a non-negative integer, got {c.ot.start_step!r}")
+  _require(isinstance(c.ot.include_aligned, bool), "ot.include_aligned",
+           f"must be True or False, got {c.ot.include_aligned!r}")
+  p = c.partial
+  _require(isinstance(p.enabled, bool), "partial.enabled", f"must be True or False, got {p.enabled!r}")
+  _require(not c.ot.include_aligned or p.enabled, "ot.include_aligned", "needs partial.enabled")
+  if p.enabled:
+    _require(0 < p.aligned_fraction < 1, "partial.aligned_fraction",
+             f"must lie in (0, 1), got {p.aligned_fraction}")
+    num_classes = len(synthetic.CLASS_NAMES)
+    unseen = tuple(p.unseen_classes)
+    _require(all(isinstance(k, int) and 0 <= k < num_classes for k in unseen), "partial.unseen_classes",
+             f"must be class ids in [0, {num_classes}), got {unseen}")
+    _require(len(set(unseen)) == len(unseen), "partial.unseen_classes", f"has repeated ids: {unseen}")
+    _require(len(unseen) < num_classes, "partial.unseen_classes", "leaves no seen class")
+    u = p.unaligned_batch_size
+    _require(isinstance(u, int) and u > 0, "partial.unaligned_batch_size",
+             f"must be a positive integer, got {u!r}")
+    for count, what in ((num_devices, "device"), (num_processes, "process")):
+      _require(u % count == 0, "partial.unaligned_batch_size",
+               f"{u} is not divisible by the {what} count {count}")
+  else:
+    _require(not p.unseen_classes, "partial.unseen_classes", "is set but partial.enabled is False")
+  num_measures, total_points = num_ot_measures(c)
+  try:
+    ot_lib.validate_config(ot_solver_config(c), num_measures=num_measures, total_points=total_points)
+  except ValueError as e:  # already "config.ot.FIELD: ..."
+    raise ConfigError(str(e)) from None

@@ -2,6 +2,7 @@
 
   python -m ito_jax.bench --config=configs/tiny_cpu.py
   python -m ito_jax.bench --config=configs/bench_s.py --steps=10
+  python -m ito_jax.bench --config=configs/bench_s.py --ot   # + R_ot alone, both variants
 
 Uses random inputs of the config's shapes, so it measures the step alone
 (the input pipeline has its own figures). One figure per line.
@@ -27,6 +28,9 @@ from ito_jax import sharding, train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_OT = flags.DEFINE_bool("ot", False, "Also time R_ot's value and gradient (config.ot, loop and "
+                        "barycenter) on two [n, embed_dim] measures per --ot_batch_sizes.")
+_OT_BATCH_SIZES = flags.DEFINE_list("ot_batch_sizes", ["256", "1024"], "Global batches n for --ot.")
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
@@ -36,11 +40,16 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
   tokens = rng.integers(3, config.model.text.vocab_size, size=(b, n, length), dtype=np.int32)
   tokens[..., length // 2:] = 0  # realistic padding
   tokens[..., length // 2 - 1] = 2  # EOS
-  return {
+  batch = {
       "images": rng.uniform(-1, 1, size=(b, m, size, size, 3)).astype(np.float32),
       "tokens": tokens,
       "labels": rng.integers(0, 10, size=(b,), dtype=np.int32),
   }
+  if config.partial.enabled:  # the unaligned image and text batches R_ot reads
+    u = config.partial.unaligned_batch_size
+    batch["unaligned_images"] = rng.uniform(-1, 1, size=(u, size, size, 3)).astype(np.float32)
+    batch["unaligned_tokens"] = tokens[rng.integers(0, b, size=u), 0]
+  return batch
 
 
 def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict:
@@ -83,6 +92,29 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: i
   return figures
 
 
+def benchmark_regularizer(config: ml_collections.ConfigDict, batch_size: int, variant: str,
+                          steps: int = 10) -> float:
+  """Median seconds of jit(value_and_grad(R_ot)) on K = 2 measures (image and
+  text embeddings) of [batch_size, embed_dim] unit vectors: what the step adds."""
+  from ito_jax.losses import ot  # pylint: disable=g-import-not-at-top
+
+  cfg = common.ot_solver_config(config)
+  cfg.variant = variant
+  fn = ot.value_and_grad_fn(cfg)
+  rng = np.random.default_rng(0)
+  xs = []
+  for _ in range(2):
+    x = rng.normal(size=(batch_size, config.model.embed_dim))
+    xs.append(jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True), jnp.float32))
+  jax.block_until_ready(fn(xs))  # compile
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(xs))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
 def main(argv):
   del argv
   if _CONFIG.value is None:
@@ -91,8 +123,19 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  "
         f"batch: {config.batch_size}  image: {config.model.image.image_size}/"
         f"{config.model.image.patch_size}  loss: {config.loss.name}  dtype: {config.model.dtype}")
-  for name, value in benchmark_step(config, _STEPS.value, _WARMUP.value).items():
+  figures = benchmark_step(config, _STEPS.value, _WARMUP.value)
+  for name, value in figures.items():
     print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
+  if _OT.value:
+    o = config.ot
+    print(f"R_ot: cost={o.cost} eps={o.epsilon} iterations={o.num_iterations} gamma={o.gamma} "
+          f"barycenter_iterations={o.barycenter_iterations} dim={config.model.embed_dim}, "
+          f"next to the step above (batch {config.batch_size})")
+    for n in (int(v) for v in _OT_BATCH_SIZES.value):
+      for variant in ("loop", "barycenter"):
+        seconds = benchmark_regularizer(config, n, variant, max(_STEPS.value, 3))
+        print(f"ot_{variant}_batch{n}_s: {seconds:.4g}  "
+              f"({100 * seconds / figures['step_s_median']:.1f}% of the train step)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ito_jax import objective_ot
 from ito_jax.evaluate import gap
 from ito_jax.losses import contrastive
 from ito_jax.losses import fusion as fusion_losses
@@ -36,8 +37,10 @@ def embed_batch(model: ItoModel, batch: dict):
   )
 
 
-def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict):
-  """Returns (loss, metrics) for one batch; metrics are scalars for logging."""
+def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict, *, step=None):
+  """Returns (loss, metrics) for one batch; metrics are scalars for logging.
+
+  step: optimizer steps taken so far (traced); gates R_ot at ot.start_step."""
   out = embed_batch(model, batch)
   scale, bias = model.logit_scale, model.logit_bias[...]
   align = contrastive.alignment_loss(config.loss.name, out["image_emb"], out["text_emb"], scale, bias)
@@ -67,6 +70,11 @@ def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict
           out["image_emb"][:, 0], out["text_emb"][:, 0], head.anchor(fused), scale)
       loss = loss + config.loss.anchor_weight * anchor
       metrics["loss/anchor"] = anchor
+
+  if config.loss.ot_weight:
+    ot_term, ot_metrics = objective_ot.ot_loss(model, batch, out, config, step)
+    loss = loss + ot_term
+    metrics.update(ot_metrics)
 
   metrics["loss"] = loss
   return loss, metrics

@@ -74,8 +74,9 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
+    steps_taken = optimizer.step[...]  # gates terms that start mid-run (ot.start_step)
     (_, metrics), grads = nnx.value_and_grad(
-        lambda m: objective.compute_loss(m, batch, config), has_aux=True)(model)
+        lambda m: objective.compute_loss(m, batch, config, step=steps_taken), has_aux=True)(model)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["logit_scale"] = model.logit_scale

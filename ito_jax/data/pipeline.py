@@ -95,6 +95,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
   Iterate with `iter(...)`; the iterator has get_state/set_state. With
   `config.data.num_workers > 0` call `.close()` on it when done.
   """
+  if 'partial' in config and config.partial.enabled:  # aligned pairs + unaligned pools
+    from ito_jax.data import partial  # pylint: disable=g-import-not-at-top (partial imports this module)
+    return partial.train_dataset(config, tokenizer, process_index=process_index,
+                                 process_count=process_count, data_dir=data_dir)
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size {config.batch_size} is not divisible by '
                      f'process_count {process_count}')

@@ -64,4 +64,9 @@ class Evaluator:
                                      self.data["labels"]))
     metrics.update(retrieval.recall_at_k(emb["image"], emb["caption"]))
     metrics.update(gap.gap_metrics(emb["image"], emb["caption"][:, 0]))
+    unseen = tuple(self.config.partial.unseen_classes) if "partial" in self.config else ()
+    if unseen:  # generalised zero-shot: seen and unseen classes apart
+      metrics.update(zeroshot.accuracy_by_group(
+          emb["image"], zeroshot.class_embeddings(emb["prompt"]), self.data["labels"], unseen))
+      metrics.update(retrieval.recall_by_group(emb["image"], emb["caption"], self.data["labels"], unseen))
     return metrics

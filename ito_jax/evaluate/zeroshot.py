@@ -16,3 +16,17 @@ def accuracy(image_emb, class_emb, labels) -> dict:
   predictions = np.argmax(image_emb @ class_emb.T, axis=-1)
   return {"zeroshot/accuracy": float(np.mean(predictions == labels)),
           "zeroshot/chance": 1.0 / class_emb.shape[0]}
+
+
+def accuracy_by_group(image_emb, class_emb, labels, unseen_classes) -> dict:
+  """Generalised zero-shot accuracy: every image is classified among *all*
+  classes, and accuracy is reported over images of seen and of unseen classes
+  apart, with their harmonic mean (the usual GZSL summary)."""
+  predictions = np.argmax(image_emb @ class_emb.T, axis=-1)
+  correct = predictions == labels
+  unseen = np.isin(labels, np.asarray(unseen_classes, dtype=np.asarray(labels).dtype))
+  seen_acc = float(np.mean(correct[~unseen])) if (~unseen).any() else float("nan")
+  unseen_acc = float(np.mean(correct[unseen])) if unseen.any() else float("nan")
+  harmonic = 0.0 if seen_acc + unseen_acc == 0 else 2 * seen_acc * unseen_acc / (seen_acc + unseen_acc)
+  return {"zeroshot/seen_accuracy": seen_acc, "zeroshot/unseen_accuracy": unseen_acc,
+          "zeroshot/harmonic_mean": harmonic}

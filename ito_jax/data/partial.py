@@ -1,0 +1,168 @@
+"""Partially aligned training data (DESIGN.md, "R_ot"; config section `partial`).
+
+The training split is divided once, as a function of `config.data.seed`:
+
+    aligned           round(ρ · N) samples drawn from the *seen* classes: true
+                      (image, captions) pairs, for the contrastive/ITO losses.
+    unaligned images  one half of the rest, images only.
+    unaligned texts   the other half of the rest, captions only.
+
+The two pools come from disjoint samples, so no true pair exists between them
+and no pairing can leak into training. Classes in `partial.unseen_classes`
+occur only in the pools (they are never drawn as aligned), which is what the
+generalised zero-shot evaluation measures.
+
+Each step reads three independent streams, each sharded over processes and
+shuffled every epoch like `pipeline.train_dataset`, zipped into one batch:
+
+    images [B, M, H, W, 3], tokens [B, N, L], labels [B]   aligned pairs
+    unaligned_images [U, H, W, 3]                          image pool
+    unaligned_tokens [U, L]                                text pool
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ito_jax.data import augment, pipeline
+from ito_jax.data.tokenizer import Tokenizer
+
+_SPLIT_STREAM = 0x0A11  # keeps the split's random stream apart from other uses of data.seed
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Sorted indices into the training split; pairwise disjoint."""
+  aligned: np.ndarray  # [round(ρ N)]
+  unaligned_images: np.ndarray  # [(N - aligned) // 2]
+  unaligned_texts: np.ndarray  # [(N - aligned) // 2]
+
+
+def split_indices(labels: np.ndarray, aligned_fraction: float, unseen_classes, seed: int) -> Split:
+  """Divides N training samples with these labels (see module docstring).
+
+  With an odd remainder one sample is left out, so the pools have equal size.
+  """
+  labels = np.asarray(labels)
+  n = len(labels)
+  rng = np.random.default_rng([seed, _SPLIT_STREAM])
+  seen = np.flatnonzero(~np.isin(labels, np.asarray(unseen_classes, dtype=labels.dtype)))
+  num_aligned = int(round(aligned_fraction * n))
+  if not 0 < num_aligned <= len(seen):
+    raise ValueError(f'config.partial.aligned_fraction: {aligned_fraction} of {n} samples gives '
+                     f'{num_aligned} aligned pairs; need between 1 and the {len(seen)} samples '
+                     'of seen classes')
+  aligned = rng.choice(seen, num_aligned, replace=False)
+  rest = rng.permutation(np.setdiff1d(np.arange(n), aligned))
+  half = len(rest) // 2
+  return Split(aligned=np.sort(aligned), unaligned_images=np.sort(rest[:half]),
+               unaligned_texts=np.sort(rest[half:2 * half]))
+
+
+def train_labels(builder: tfds.core.DatasetBuilder) -> np.ndarray:
+  """The label of every training sample (images are not decoded)."""
+  source = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
+  return np.array([source[i]['label'] for i in range(len(source))], np.int32)
+
+
+def split_for(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> Split:
+  p = config.partial
+  return split_indices(train_labels(builder), p.aligned_fraction, tuple(p.unseen_classes),
+                       config.data.seed)
+
+
+class Subset:
+  """A random-access source restricted to `indices` (picklable for grain workers)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+class ImageTransform(grain.transforms.RandomMap):
+  """Record -> one augmented image view [H, W, 3] (its captions are never read)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.image_size = config.model.image.image_size
+    self.crop_scale = tuple(config.data.crop_scale)
+    self.flip = config.data.flip
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> np.ndarray:
+    image = element['image']  # [64, 64, 3] uint8
+    if self.flip and rng.random() < 0.5:  # no caption to keep true here
+      image = np.ascontiguousarray(image[:, ::-1])
+    return augment.image_view(image, rng, self.image_size, self.crop_scale)
+
+
+class TextTransform(grain.transforms.RandomMap):
+  """Record -> the tokens [L] of one of its captions (its image is never decoded)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+    self.context_length = config.model.text.context_length
+    self.word_dropout = config.data.word_dropout
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> np.ndarray:
+    captions = [c.decode() for c in element['captions']]
+    text = augment.text_views(captions, rng, 1, self.word_dropout)
+    return self.tokenizer.encode_batch(text, self.context_length)[0]
+
+
+class MergeBatches(grain.transforms.Map):
+  """(aligned batch, image batch, token batch) -> one batch dict."""
+
+  def map(self, element):
+    aligned, images, tokens = element
+    return {**aligned, 'unaligned_images': images, 'unaligned_tokens': tokens}
+
+
+def _stream(source, indices, transform, batch_size: int, seed: int, process_index: int,
+            process_count: int) -> grain.IterDataset:
+  ds = pipeline.shard(grain.MapDataset.source(Subset(source, indices)), process_index, process_count)
+  if len(ds) == 0:
+    raise ValueError(f'process {process_index}: its shard of a {len(indices)}-sample pool is empty')
+  ds = ds.seed(seed).shuffle().repeat().random_map(transform)
+  return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
+
+
+def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                  process_index: int = 0, process_count: int = 1,
+                  data_dir: str | None = None) -> grain.IterDataset:
+  """Infinite per-process batches of aligned pairs plus unaligned images and
+  texts (module docstring); same iterator protocol as pipeline.train_dataset."""
+  b, u = config.batch_size, config.partial.unaligned_batch_size
+  for name, size in (('batch_size', b), ('partial.unaligned_batch_size', u)):
+    if size % process_count:
+      raise ValueError(f'config.{name} {size} is not divisible by process_count {process_count}')
+  builder = pipeline.builder_for(config, data_dir)
+  split = split_for(config, builder)
+  decoded = builder.as_data_source('train')
+  captions_only = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
+  seeds = np.random.SeedSequence([config.seed, process_index, _SPLIT_STREAM]).generate_state(3)
+  where = dict(process_index=process_index, process_count=process_count)
+  streams = [
+      _stream(decoded, split.aligned, pipeline.TrainTransform(config, tokenizer),
+              b // process_count, int(seeds[0]), **where),
+      _stream(decoded, split.unaligned_images, ImageTransform(config), u // process_count,
+              int(seeds[1]), **where),
+      _stream(captions_only, split.unaligned_texts, TextTransform(config, tokenizer),
+              u // process_count, int(seeds[2]), **where),
+  ]
+  ds = grain.experimental.ZipIterDataset(streams).map(MergeBatches())
+  if config.data.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # see pipeline.train_dataset
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return ds

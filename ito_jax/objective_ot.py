@@ -1,0 +1,73 @@
+"""The λ_ot · R_ot term of the objective (DESIGN.md, "R_ot"; config `ot`, `partial`).
+
+Measures, by mode:
+* partial.enabled: the embeddings of the unaligned image batch [U, E] and of
+  the unaligned text batch [U, E], run through the same towers in the same
+  step (K = 2); with ot.include_aligned the aligned batch's view-0 embeddings
+  join the image and the text measure ([U + B, E] each).
+* otherwise: every image view and every text view of the aligned batch
+  (K = M + N measures of [B, E]).
+
+The weight is λ_ot · [optimizer step >= ot.start_step], a traced multiplier,
+so the regularizer switches on mid-run without recompiling.
+
+Bad input never reaches the parameters as NaN: if an unaligned image or any
+point of a measure is non-finite, the image is zeroed before the tower, the
+measures are replaced by finite stand-ins, the term's weight is zero (so its
+gradient is exactly zero), and `ot/nonfinite_points` counts the offenders.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from configs import common
+from ito_jax.losses import ot as ot_lib
+
+
+def measures(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
+  """R_ot's measures, each [n_k, E] (module docstring), and the number of
+  non-finite unaligned images, which are zeroed before the tower (a NaN
+  inside the tower would make its gradient NaN even at zero weight). `out` is
+  objective.embed_batch's result for the aligned batch."""
+  if not config.partial.enabled:
+    m, n = out["image_emb"].shape[1], out["text_emb"].shape[1]
+    views = [out["image_emb"][:, i] for i in range(m)] + [out["text_emb"][:, j] for j in range(n)]
+    return views, jnp.int32(0)
+  for key in ("unaligned_images", "unaligned_tokens"):
+    if key not in batch:
+      raise ValueError(f"batch[{key!r}]: missing; config.partial.enabled needs the partial pipeline "
+                       "(ito_jax.data.partial)")
+    if batch[key].shape[0] == 0:
+      raise ValueError(f"batch[{key!r}]: empty unaligned batch, shape {batch[key].shape}")
+  images = batch["unaligned_images"]  # [U, H, W, 3]
+  finite_rows = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))  # [U]
+  images = jnp.where(finite_rows[:, None, None, None], images, 0.0)
+  image = model.encode_image(images)  # [U, E]
+  text = model.encode_text(batch["unaligned_tokens"])  # [U, E]
+  if config.ot.include_aligned:
+    image = jnp.concatenate([image, out["image_emb"][:, 0]])  # [U + B, E]
+    text = jnp.concatenate([text, out["text_emb"][:, 0]])  # [U + B, E]
+  return [image, text], jnp.sum(~finite_rows)
+
+
+def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, step=None):
+  """Returns (λ_ot · gate · R_ot, metrics). `step`: optimizer steps taken so far
+  (a traced scalar), or None to apply the term unconditionally."""
+  xs, bad_images = measures(model, batch, out, config)
+  bad = bad_images + sum(jnp.sum(~jnp.all(jnp.isfinite(x), axis=-1)) for x in xs)
+  finite = bad == 0
+  # A constant stand-in keeps Sinkhorn finite; `where` sends zero cotangent to x.
+  xs = [jnp.where(finite, x, jnp.full_like(x, x.shape[-1] ** -0.5)) for x in xs]
+  value, aux = ot_lib.ot_regularizer(xs, common.ot_solver_config(config))
+  gate = jnp.float32(1.0) if step is None else (step >= config.ot.start_step).astype(jnp.float32)
+  weight = config.loss.ot_weight * gate * finite.astype(jnp.float32)
+  value = jnp.where(jnp.isfinite(value), value, 0.0)
+  metrics = {"loss/ot": value, "ot/weight": weight, "ot/nonfinite_points": bad}
+  metrics.update({f"ot/{k}": jax.lax.stop_gradient(v) for k, v in aux.items()})
+  if config.partial.enabled:
+    gap = jnp.mean(xs[0], axis=0) - jnp.mean(xs[1], axis=0)
+    metrics["gap/unaligned_centroid_distance"] = jnp.linalg.norm(jax.lax.stop_gradient(gap))
+  return weight * value, metrics

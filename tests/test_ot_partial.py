@@ -1,0 +1,318 @@
+"""Partially aligned mode (issue 4): the data split, R_ot in the jitted train
+step, generalised zero-shot evaluation, config checks and the comparison command."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common, ot_partial_tiny_cpu
+from ito_jax import bench, objective, sharding, train
+from ito_jax.data import partial, pipeline, synthetic
+from ito_jax.data import tokenizer as tokenizer_lib
+from ito_jax.evaluate import retrieval, zeroshot
+from ito_jax.evaluate.evaluator import Evaluator
+from ito_jax.losses import ot as ot_lib
+
+UNSEEN = (0, 6, 12)
+
+
+def micro_config(**overrides):
+  """The shipped partial config with towers small enough to compile in seconds."""
+  c = ot_partial_tiny_cpu.get_config()
+  c.model.embed_dim = 16
+  c.model.image.update(image_size=16, patch_size=8, width=32, depth=1, num_heads=2)
+  c.model.text.update(vocab_size=128, context_length=12, width=32, depth=1, num_heads=2)
+  c.batch_size, c.partial.unaligned_batch_size = 8, 12
+  c.ot.num_iterations = 20
+  c.ot.start_step = 1
+  c.partial.unseen_classes = UNSEEN
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+  return c
+
+
+# ---- split ---------------------------------------------------------------------
+
+
+def test_split_fractions_unseen_classes_and_disjoint_pools():
+  labels = np.random.default_rng(1).integers(0, 30, size=2001)
+  s = partial.split_indices(labels, 0.05, UNSEEN, seed=3)
+  assert len(s.aligned) == round(0.05 * 2001) == 100
+  assert len(s.unaligned_images) == len(s.unaligned_texts) == (2001 - 100) // 2
+  sets = [set(s.aligned), set(s.unaligned_images), set(s.unaligned_texts)]
+  assert all(len(x) == len(y) for x, y in zip(sets, (s.aligned, s.unaligned_images, s.unaligned_texts)))
+  assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+  assert len(sets[0] | sets[1] | sets[2]) == 2001 - 1  # odd remainder: one sample dropped
+  assert not np.isin(labels[s.aligned], UNSEEN).any()
+  for pool in (s.unaligned_images, s.unaligned_texts):  # every unseen class is in both pools
+    assert set(UNSEEN) <= set(labels[pool])
+  # All unseen-class samples land in the pools (but for the one odd sample).
+  assert np.isin(labels[np.concatenate([s.unaligned_images, s.unaligned_texts])], UNSEEN).sum() >= \
+      np.isin(labels, UNSEEN).sum() - 1
+  again = partial.split_indices(labels, 0.05, UNSEEN, seed=3)
+  other = partial.split_indices(labels, 0.05, UNSEEN, seed=4)
+  assert all(np.array_equal(a, b) for a, b in zip(vars(s).values(), vars(again).values()))
+  assert not np.array_equal(s.aligned, other.aligned)
+
+
+def test_split_rejects_too_few_seen_samples():
+  labels = np.array([0] * 90 + [1] * 10)
+  with pytest.raises(ValueError, match="config.partial.aligned_fraction: 0.2 of 100 samples gives 20"):
+    partial.split_indices(labels, 0.2, (0,), seed=0)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("data"))
+  builder = synthetic.prepare(data_dir, num_train=300, num_eval=40, seed=0)
+  tok = tokenizer_lib.train_tokenizer(synthetic.train_captions(builder),
+                                      os.path.join(data_dir, "tok.model"), 128)
+  return data_dir, builder, tok
+
+
+def _data_config(data_dir, **kw):
+  return micro_config(**{"data.data_dir": data_dir, "data.num_train": 300, "data.num_eval": 40,
+                         "data.word_dropout": 0.0, "partial.aligned_fraction": 0.2,
+                         "eval.batch_size": 40, **kw})
+
+
+def test_partial_pipeline_batches_come_from_their_pools(built):
+  data_dir, builder, tok = built
+  c = _data_config(data_dir)
+  split = partial.split_for(c, builder)
+  source = builder.as_data_source("train")
+  captions = [cap.decode() for i in split.unaligned_texts for cap in source[int(i)]["captions"]]
+  text_pool = {tok.decode(t) for t in tok.encode_batch(captions, 12)}  # as truncated to L = 12
+
+  it = iter(pipeline.train_dataset(c, tok))  # dispatches on partial.enabled
+  for _ in range(10):
+    batch = next(it)
+    assert batch["images"].shape == (8, 1, 16, 16, 3) and batch["tokens"].shape == (8, 1, 12)
+    assert batch["unaligned_images"].shape == (12, 16, 16, 3)
+    assert batch["unaligned_tokens"].shape == (12, 12)
+    assert not np.isin(batch["labels"], UNSEEN).any()
+    assert set(tok.decode(t) for t in batch["unaligned_tokens"]) <= text_pool
+  # Deterministic given the seeds; per-process batches are a share of the global one.
+  first = next(iter(pipeline.train_dataset(c, tok)))
+  again = next(iter(pipeline.train_dataset(c, tok)))
+  assert all(np.array_equal(first[k], again[k]) for k in first)
+  shard = next(iter(pipeline.train_dataset(c, tok, process_index=1, process_count=2)))
+  assert shard["images"].shape[0] == 4 and shard["unaligned_images"].shape[0] == 6
+
+
+def test_subset_reads_the_indexed_records(built):
+  _, builder, _ = built
+  source = builder.as_data_source("train")
+  sub = partial.Subset(source, np.array([5, 17, 2]))
+  ids = [sub[i]["id"] for i in range(3)]
+  assert len(sub) == 3 and ids == [source[5]["id"], source[17]["id"], source[2]["id"]]
+  assert len(set(ids)) == 3
+
+
+# ---- R_ot in the train step ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steppers():
+  """Compiled train steps with ot_weight 0 (contrastive only: the OT term is
+  not even built) and 1, one initial state, and a random partial batch."""
+  c = micro_config()
+  common.validate(c)
+  mesh = sharding.make_mesh(c)
+  batch = sharding.put_batch(bench.random_batch(c), mesh)
+  steps, state = {}, None
+  for ot_weight in (0.0, 1.0):
+    cfg = c.copy_and_resolve_references()
+    cfg.loss.ot_weight = ot_weight
+    model, optimizer = train.create_model_and_optimizer(cfg, mesh)  # same seed: same init
+    graphdef, state = nnx.split((model, optimizer))
+    steps[ot_weight] = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, cfg)
+  return c, graphdef, state, batch, steps
+
+
+def _run(step_fn, state, batch):
+  """One step from a copy of `state` (the step donates its input)."""
+  return step_fn(jax.tree.map(jnp.copy, state), batch)
+
+
+def _params(state, prefix):
+  flat = nnx.to_flat_state(state)
+  return [v[...] for k, v in flat if k[0] == 0 and k[1] == prefix]  # (model, optimizer)[0]
+
+
+def _same(a, b):
+  return all(bool(jnp.allclose(x, y, rtol=1e-6, atol=1e-9)) for x, y in zip(a, b))
+
+
+def test_ot_gradient_reaches_both_towers_and_is_gated_by_start_step(steppers):
+  c, graphdef, state0, batch, steps = steppers
+  # Step 1 (0 updates taken < ot.start_step = 1): R_ot is off, the same update as contrastive only.
+  s0, m0 = _run(steps[0.0], state0, batch)
+  s1, m1 = _run(steps[1.0], state0, batch)
+  assert "loss/ot" not in m0 and float(m1["ot/weight"]) == 0.0
+  for tower in ("image_tower", "text_tower"):
+    assert _same(_params(s0, tower), _params(s1, tower)), tower
+  # Step 2: on. From the same state, the two objectives differ by R_ot alone,
+  # and so do the updates of both towers.
+  s0b, _ = _run(steps[0.0], s1, batch)
+  s1b, m1b = _run(steps[1.0], s1, batch)
+  assert float(m1b["ot/weight"]) == 1.0 and int(m1b["ot/nonfinite_points"]) == 0
+  for tower in ("image_tower", "text_tower"):
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(_params(s0b, tower), _params(s1b, tower)))
+    assert diff > 1e-6, (tower, diff)
+  # loss/ot is the library's R_ot of the unaligned batches' embeddings.
+  model, _ = nnx.merge(graphdef, s1)
+  xs = [model.encode_image(batch["unaligned_images"]), model.encode_text(batch["unaligned_tokens"])]
+  expected, _ = ot_lib.ot_regularizer(xs, common.ot_solver_config(c))
+  np.testing.assert_allclose(float(m1b["loss/ot"]), float(expected), rtol=1e-4)
+  np.testing.assert_allclose(float(m1b["loss"]), float(m1b["loss/align"]) + float(expected), rtol=1e-4)
+
+
+def test_train_step_switches_ot_on_without_recompiling(steppers):
+  _, _, state, batch, steps = steppers
+  state = jax.tree.map(jnp.copy, state)
+  weights = []
+  for _ in range(3):
+    state, metrics = steps[1.0](state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    weights.append(float(metrics["ot/weight"]))
+  assert weights == [0.0, 1.0, 1.0]  # start_step = 1: off for the first update only
+  assert steps[1.0]._cache_size() == 1
+
+
+def test_nonfinite_unaligned_input_is_counted_and_adds_no_gradient(steppers):
+  _, _, state0, batch, steps = steppers
+  s1, _ = _run(steps[0.0], state0, batch)  # past start_step
+  images = np.asarray(batch["unaligned_images"]).copy()
+  images[3] = np.nan
+  bad = dict(batch, unaligned_images=jax.device_put(images, batch["unaligned_images"].sharding))
+  s0b, _ = _run(steps[0.0], s1, bad)
+  s1b, metrics = _run(steps[1.0], s1, bad)
+  assert int(metrics["ot/nonfinite_points"]) == 1 and float(metrics["ot/weight"]) == 0.0
+  assert np.isfinite(float(metrics["loss/ot"])) and np.isfinite(float(metrics["grad_norm"]))
+  for tower in ("image_tower", "text_tower"):
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in _params(s1b, tower))
+    assert _same(_params(s0b, tower), _params(s1b, tower)), tower
+
+
+# ---- evaluation ------------------------------------------------------------------
+
+
+def test_generalised_zero_shot_accuracy_by_hand():
+  class_emb = np.eye(4, dtype=np.float32)  # classes 0..3; class 3 unseen
+  labels = np.array([0, 1, 2, 3, 3, 3])
+  predicted = np.array([0, 1, 0, 3, 3, 1])  # seen: 2/3 right; unseen: 2/3 right
+  image_emb = class_emb[predicted]
+  out = zeroshot.accuracy_by_group(image_emb, class_emb, labels, (3,))
+  assert out["zeroshot/seen_accuracy"] == pytest.approx(2 / 3)
+  assert out["zeroshot/unseen_accuracy"] == pytest.approx(2 / 3)
+  assert out["zeroshot/harmonic_mean"] == pytest.approx(2 / 3)
+  out = zeroshot.accuracy_by_group(image_emb, class_emb, labels, (0,))  # seen 3/5, unseen 1/1
+  assert out["zeroshot/seen_accuracy"] == pytest.approx(3 / 5)
+  assert out["zeroshot/harmonic_mean"] == pytest.approx(2 * 0.6 / 1.6)
+
+
+def test_retrieval_by_group_by_hand():
+  # 3 images, 1 caption each; class 7 (images/captions 1 and 2) is unseen.
+  image_emb = np.eye(3, dtype=np.float32)
+  caption_emb = np.array([[[1, 0, 0]], [[0, 0.6, 0.8]], [[0, 0.3, 0.95]]], np.float32)
+  labels = np.array([5, 7, 7])
+  out = retrieval.recall_by_group(image_emb, caption_emb, labels, (7,))
+  # i2t: image 0 -> caption 0; image 1 -> caption 1 (.6 > .3); image 2 -> caption 2 (.95 > .8): all hit.
+  # t2i: caption 0 -> image 0 (hit); caption 1 -> image 2 (.8 > .6, miss); caption 2 -> image 2 (hit).
+  assert out == {"retrieval/seen_i2t_r1": 1.0, "retrieval/seen_t2i_r1": 1.0,
+                 "retrieval/unseen_i2t_r1": 1.0, "retrieval/unseen_t2i_r1": 0.5}
+
+
+def test_evaluator_reports_seen_and_unseen_keys(built):
+  data_dir, _, tok = built
+  c = _data_config(data_dir)
+  model, _ = train.create_model_and_optimizer(c, sharding.make_mesh(c))
+  data = pipeline.eval_arrays(c, tok, "test", data_dir=data_dir)
+  assert set(UNSEEN) & set(data["labels"]) and set(data["labels"]) - set(UNSEEN)
+  out = Evaluator(c, data, pipeline.class_names(c, data_dir), tok).run(model)
+  for key in ("zeroshot/accuracy", "zeroshot/seen_accuracy", "zeroshot/unseen_accuracy",
+              "zeroshot/harmonic_mean", "retrieval/i2t_r1", "retrieval/seen_i2t_r1",
+              "retrieval/seen_t2i_r1", "retrieval/unseen_i2t_r1", "retrieval/unseen_t2i_r1"):
+    assert 0.0 <= out[key] <= 1.0, key
+  unseen = np.isin(data["labels"], UNSEEN)
+  overall = (unseen.mean() * out["zeroshot/unseen_accuracy"]
+             + (1 - unseen.mean()) * out["zeroshot/seen_accuracy"])
+  assert overall == pytest.approx(out["zeroshot/accuracy"])
+
+
+# ---- config ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("partial.aligned_fraction", 1.5, "config.partial.aligned_fraction: must lie in (0, 1)"),
+    ("partial.unseen_classes", (3, 99), "config.partial.unseen_classes: must be class ids in [0, 30)"),
+    ("partial.unseen_classes", (3, 3), "config.partial.unseen_classes: has repeated ids"),
+    ("partial.unaligned_batch_size", 0, "config.partial.unaligned_batch_size: must be a positive"),
+    ("loss.ot_weight", -1.0, "config.loss.ot_weight: must be >= 0"),
+    ("ot.start_step", -1, "config.ot.start_step: must be a non-negative integer"),
+    ("ot.epsilon", 0.0, "config.ot.epsilon: must be a positive number"),
+    ("ot.variant", "ring", "config.ot.variant: expected one of"),
+    ("ot.weights", (1.0, 1.0, 1.0), "config.ot.weights: has 3 entries for 2 measures"),
+    ("ot.barycenter_size", 1000, "config.ot.barycenter_size: 1000 exceeds the 256 points"),
+])
+def test_invalid_partial_and_ot_fields_name_the_field(field, value, match):
+  c = ot_partial_tiny_cpu.get_config()
+  section, _, name = field.rpartition(".")
+  c[section][name] = value
+  with pytest.raises(common.ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")
+                     .replace("[", r"\[")):
+    common.validate(c)
+
+
+def test_partial_settings_need_partial_mode():
+  c = ot_partial_tiny_cpu.get_config()
+  c.partial.enabled = False
+  with pytest.raises(common.ConfigError, match="config.partial.unseen_classes: is set but"):
+    common.validate(c)
+  c.partial.unseen_classes = ()
+  c.ot.include_aligned = True
+  with pytest.raises(common.ConfigError, match="config.ot.include_aligned: needs partial.enabled"):
+    common.validate(c)
+  c = ot_partial_tiny_cpu.get_config()
+  c.partial.unaligned_batch_size = 100
+  with pytest.raises(common.ConfigError, match="unaligned_batch_size: 100 is not divisible by the device count 8"):
+    common.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_shipped_partial_config_is_valid(arg):
+  c = ot_partial_tiny_cpu.get_config(arg)
+  common.validate(c)
+  assert c.is_locked and c.partial.enabled and c.loss.ot_weight > 0
+
+
+# ---- comparison command ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ot_compare_writes_one_row_per_run(tmp_path):
+  from ito_jax import ot_compare
+  c = micro_config(**{"total_steps": 3, "log_every_steps": 3, "eval_every_steps": 3,
+                      "data.num_train": 300, "data.num_eval": 40, "eval.batch_size": 40,
+                      "partial.aligned_fraction": 0.2})
+  rows = ot_compare.compare(c, str(tmp_path), ["contrastive", "loop"], [0.2])
+  assert [r["run"] for r in rows] == ["contrastive", "loop"]
+  with open(tmp_path / "ablation.json") as f:
+    saved = json.load(f)
+  assert [r["eval"]["step"] for r in saved["runs"]] == [3, 3]
+  assert "loss/ot" not in saved["runs"][0]["eval"]
+  logged = [json.loads(l) for l in open(tmp_path / "rho0.2_loop" / "metrics.jsonl")]
+  assert "loss/ot" in logged[0] and "loss/ot" not in json.loads(
+      open(tmp_path / "rho0.2_contrastive" / "metrics.jsonl").readline())
+  md = (tmp_path / "ablation.md").read_text()
+  assert "ZS unseen" in md and md.count("\n") == 4  # header, rule, two runs
+  # Both runs read one tokenizer.
+  tok = lambda run: (tmp_path / run / "tokenizer.model").read_bytes()
+  assert tok("rho0.2_contrastive") == tok("rho0.2_loop")
