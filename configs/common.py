@@ -81,8 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
   #   barycenter_size        barycenter: support points of nu*; None = mean measure size.
   #   barycenter_iterations  barycenter: outer fixed-point iterations for nu*.
   c.ot = ot_lib.default_config()
+  # Typed None so that --config.ot.weights='(1, 2)' / --config.ot.barycenter_size=N parse.
+  c.ot.weights = ml_collections.FieldReference(None, field_type=tuple)
+  c.ot.barycenter_size = ml_collections.FieldReference(None, field_type=int)
   c.ot.start_step = 0  # R_ot enters after this many optimizer steps (a warmup); gated in the jitted step.
   c.ot.include_aligned = False  # partial mode: also put the aligned batch's embeddings into the measures.
+  # Subtract the self-transport terms so each W_eps(a, b) becomes the Sinkhorn
+  # divergence W(a, b) - W(a, a)/2 - W(b, b)/2: plain W_eps also rewards shrinking
+  # both embedding clouds (ito_jax/objective_ot.py), which collapses trainable towers.
+  c.ot.debias = False
 
   # ---- partially aligned data (DESIGN.md "R_ot"; ito_jax/data/partial.py) ----
   # A fraction of the training samples stays as aligned pairs; the rest is split
@@ -234,7 +241,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
 
 
 # Fields of the `ot` section that the trainer reads; the rest go to the solver.
-OT_TRAINER_FIELDS = ("start_step", "include_aligned")
+OT_TRAINER_FIELDS = ("start_step", "include_aligned", "debias")
 
 
 def ot_solver_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -257,8 +264,8 @@ def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num
   _require(c.loss.ot_weight >= 0, "loss.ot_weight", f"must be >= 0, got {c.loss.ot_weight}")
   _require(isinstance(c.ot.start_step, int) and c.ot.start_step >= 0, "ot.start_step",
            f"must be a non-negative integer, got {c.ot.start_step!r}")
-  _require(isinstance(c.ot.include_aligned, bool), "ot.include_aligned",
-           f"must be True or False, got {c.ot.include_aligned!r}")
+  for field in ("include_aligned", "debias"):
+    _require(isinstance(c.ot[field], bool), f"ot.{field}", f"must be True or False, got {c.ot[field]!r}")
   p = c.partial
   _require(isinstance(p.enabled, bool), "partial.enabled", f"must be True or False, got {p.enabled!r}")
   _require(not c.ot.include_aligned or p.enabled, "ot.include_aligned", "needs partial.enabled")

@@ -21,7 +21,7 @@ UNSEEN_CLASSES = (0, 6, 12, 18, 24, 25)  # red circle, green square, blue triang
 def get_config(arg=None):
   c = tiny_cpu.get_config()
   c.partial.enabled = True
-  c.partial.aligned_fraction = 0.05
+  c.partial.aligned_fraction = 0.05  # 400 aligned pairs of 8000; pools of 3800 images and 3800 texts
   c.partial.unseen_classes = UNSEEN_CLASSES
   c.partial.unaligned_batch_size = 128
   c.loss.ot_weight = 1.0
@@ -29,8 +29,12 @@ def get_config(arg=None):
   c.ot.cost = "cosine"
   c.ot.epsilon = 0.05
   c.ot.num_iterations = 50
-  c.ot.start_step = 100
-  c.total_steps = 600
+  # No cycle term: between *independent* image and text batches no bijection
+  # exists, and gamma = 1 (which sharpens the plan towards one) halved held-out
+  # i2t R@1 here (0.052 -> 0.022 in a 400-step run).
+  c.ot.gamma = 0.0
+  c.ot.start_step = 75  # a quarter of the run: R_ot starts from a contrastive alignment
+  c.total_steps = 300  # ~3 CPU minutes contrastive-only, ~6 with R_ot (its towers see 2x128 more inputs)
   c.batch_size = 64
   c.eval_every_steps = 300
   c.log_every_steps = 50

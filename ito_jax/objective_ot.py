@@ -9,7 +9,8 @@ Measures, by mode:
   (K = M + N measures of [B, E]).
 
 The weight is λ_ot · [optimizer step >= ot.start_step], a traced multiplier,
-so the regularizer switches on mid-run without recompiling.
+so the regularizer switches on mid-run without recompiling. With
+ot.debias the W_eps terms become Sinkhorn divergences (`self_transport`).
 
 Bad input never reaches the parameters as NaN: if an unaligned image or any
 point of a measure is non-finite, the image is zeroed before the tower, the
@@ -53,6 +54,28 @@ def measures(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
   return [image, text], jnp.sum(~finite_rows)
 
 
+def self_transport(xs: list[jax.Array], solver: ml_collections.ConfigDict) -> list[jax.Array]:
+  """The debiasing terms that turn R_ot's W_eps into Sinkhorn divergences,
+  S(a, b) = W_eps(a, b) - W_eps(a, a) / 2 - W_eps(b, b) / 2: for each measure,
+  (its number of pair terms, or its barycenter weight) / 2 * W_eps(mu_k, mu_k).
+
+  Why: W_eps(mu, mu) > 0 grows with the spread of mu (the entropic term), so
+  plain W_eps keeps pulling both modalities inwards even once their
+  distributions match, which with trainable towers on both sides ends in
+  collapse; S is zero, with zero gradient, when they match. For the
+  barycenter the constant -W_eps(nu*, nu*) / 2 (no gradient) is left out.
+  """
+  num = len(xs)
+  if solver.variant == "loop":
+    counts = [2.0] * num  # mu_k is in the pairs (k-1, k) and (k, k+1); for K = 2 the pair counts twice
+  else:
+    w = solver.weights or (1.0,) * num
+    counts = [v / sum(w) for v in w]
+  return [0.5 * c * ot_lib.wasserstein(x, x, cost=solver.cost, epsilon=solver.epsilon,
+                                       num_iterations=solver.num_iterations)[0]
+          for c, x in zip(counts, xs)]
+
+
 def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, step=None):
   """Returns (λ_ot · gate · R_ot, metrics). `step`: optimizer steps taken so far
   (a traced scalar), or None to apply the term unconditionally."""
@@ -61,7 +84,12 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
   finite = bad == 0
   # A constant stand-in keeps Sinkhorn finite; `where` sends zero cotangent to x.
   xs = [jnp.where(finite, x, jnp.full_like(x, x.shape[-1] ** -0.5)) for x in xs]
-  value, aux = ot_lib.ot_regularizer(xs, common.ot_solver_config(config))
+  solver = common.ot_solver_config(config)
+  value, aux = ot_lib.ot_regularizer(xs, solver)
+  if config.ot.debias:
+    self_terms = self_transport(xs, solver)
+    value = value - sum(self_terms)
+    aux["self_transport"] = sum(self_terms)
   gate = jnp.float32(1.0) if step is None else (step >= config.ot.start_step).astype(jnp.float32)
   weight = config.loss.ot_weight * gate * finite.astype(jnp.float32)
   value = jnp.where(jnp.isfinite(value), value, 0.0)

@@ -23,13 +23,6 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Partially aligned config (partial.enabled).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_VARIANTS = flags.DEFINE_list("variants", ["contrastive", "loop", "barycenter"],
-                              "Runs: contrastive (ot_weight 0), loop, barycenter.")
-_FRACTIONS = flags.DEFINE_list("aligned_fractions", [], "ρ values; empty: the config's.")
-flags.mark_flag_as_required("workdir")
-
 VARIANTS = ("contrastive", "loop", "barycenter")
 COLUMNS = (  # (eval key, column title)
     ("retrieval/i2t_r1", "R@1 i2t"),
@@ -75,6 +68,9 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions) 
 
   if not base.partial.enabled:
     raise ValueError("config.partial.enabled: ot_compare needs a partially aligned config")
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or not variants:
+    raise ValueError(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
   os.makedirs(workdir, exist_ok=True)
   data_dir = base.data.data_dir or os.path.join(workdir, "data")
   rows, tokenizer = [], None
@@ -101,12 +97,20 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions) 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if _CONFIG.value is None:
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None:
     raise app.UsageError("--config is required")
-  fractions = [float(v) for v in _FRACTIONS.value] or [_CONFIG.value.partial.aligned_fraction]
-  rows = compare(_CONFIG.value, _WORKDIR.value, _VARIANTS.value, fractions)
-  print(f"\n{os.path.join(_WORKDIR.value, 'ablation.md')}:\n{table(rows)}")
+  fractions = [float(v) for v in flags.FLAGS.aligned_fractions] or [config.partial.aligned_fraction]
+  rows = compare(config, workdir, flags.FLAGS.variants, fractions)
+  print(f"\n{os.path.join(workdir, 'ablation.md')}:\n{table(rows)}")
 
 
 if __name__ == "__main__":
+  # Flags only when run as a command, so `compare` imports next to other absl tools.
+  config_flags.DEFINE_config_file("config", None, "Partially aligned config (partial.enabled).")
+  flags.DEFINE_string("workdir", None, "Output directory.")
+  flags.DEFINE_list("variants", ["contrastive", "loop", "barycenter"],
+                    "Runs: contrastive (ot_weight 0), loop, barycenter.")
+  flags.DEFINE_list("aligned_fractions", [], "ρ values; empty: the config's.")
+  flags.mark_flag_as_required("workdir")
   app.run(main)

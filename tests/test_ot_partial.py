@@ -11,11 +11,10 @@ import pytest
 from flax import nnx
 
 from configs import common, ot_partial_tiny_cpu
-from ito_jax import bench, objective, sharding, train
+from ito_jax import bench, objective_ot, sharding, train
 from ito_jax.data import partial, pipeline, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
-from ito_jax.evaluate import retrieval, zeroshot
-from ito_jax.evaluate.evaluator import Evaluator
+from ito_jax.evaluate import evaluator, retrieval, transport, zeroshot
 from ito_jax.losses import ot as ot_lib
 
 UNSEEN = (0, 6, 12)
@@ -104,6 +103,13 @@ def test_partial_pipeline_batches_come_from_their_pools(built):
   assert all(np.array_equal(first[k], again[k]) for k in first)
   shard = next(iter(pipeline.train_dataset(c, tok, process_index=1, process_count=2)))
   assert shard["images"].shape[0] == 4 and shard["unaligned_images"].shape[0] == 6
+  # The iterator state (what a checkpoint saves) resumes all three streams exactly.
+  state = it.get_state()
+  expected = next(it)
+  resumed = iter(pipeline.train_dataset(c, tok))
+  resumed.set_state(state)
+  got = next(resumed)
+  assert all(np.array_equal(expected[k], got[k]) for k in expected)
 
 
 def test_subset_reads_the_indexed_records(built):
@@ -168,8 +174,9 @@ def test_ot_gradient_reaches_both_towers_and_is_gated_by_start_step(steppers):
     assert diff > 1e-6, (tower, diff)
   # loss/ot is the library's R_ot of the unaligned batches' embeddings.
   model, _ = nnx.merge(graphdef, s1)
-  xs = [model.encode_image(batch["unaligned_images"]), model.encode_text(batch["unaligned_tokens"])]
-  expected, _ = ot_lib.ot_regularizer(xs, common.ot_solver_config(c))
+  xs = [evaluator._embed_images(model, batch["unaligned_images"]),
+        evaluator._embed_texts(model, batch["unaligned_tokens"])]
+  expected = jax.jit(lambda xs: ot_lib.ot_regularizer(xs, common.ot_solver_config(c))[0])(xs)
   np.testing.assert_allclose(float(m1b["loss/ot"]), float(expected), rtol=1e-4)
   np.testing.assert_allclose(float(m1b["loss"]), float(m1b["loss/align"]) + float(expected), rtol=1e-4)
 
@@ -201,6 +208,36 @@ def test_nonfinite_unaligned_input_is_counted_and_adds_no_gradient(steppers):
     assert _same(_params(s0b, tower), _params(s1b, tower)), tower
 
 
+@pytest.mark.parametrize("variant", ["loop", "barycenter"])
+def test_debias_turns_w_eps_into_sinkhorn_divergences(variant):
+  c = micro_config(**{"ot.variant": variant, "ot.gamma": 0.0, "ot.debias": True})
+  solver = common.ot_solver_config(c)
+
+  @jax.jit  # one compile for all the solves
+  def figures(x, y):
+    w = lambda a, b: ot_lib.wasserstein(a, b, cost="cosine", epsilon=c.ot.epsilon,
+                                        num_iterations=c.ot.num_iterations)[0]
+    return dict(wxy=w(x, y), wxx=w(x, x), wyy=w(y, y),
+                r=ot_lib.ot_regularizer([x, y], solver)[0],
+                terms=sum(objective_ot.self_transport([x, y], solver)),
+                r_same=ot_lib.ot_regularizer([x, x], solver)[0],
+                terms_same=sum(objective_ot.self_transport([x, x], solver)))
+
+  rng = np.random.default_rng(0)
+  x, y = (rng.normal(size=(24, 8)) for _ in range(2))
+  f = {k: float(v) for k, v in figures(*(jnp.asarray(a / np.linalg.norm(a, axis=1, keepdims=True),
+                                                       jnp.float32) for a in (x, y))).items()}
+  if variant == "loop":  # R = 2 W(x, y): both pairs of the K = 2 loop
+    np.testing.assert_allclose(f["terms"], f["wxx"] + f["wyy"], rtol=1e-5)
+    np.testing.assert_allclose(f["r"] - f["terms"], 2 * f["wxy"] - f["wxx"] - f["wyy"], rtol=1e-5)
+    assert abs(f["r_same"] - f["terms_same"]) < 1e-5  # S(x, x) = 0
+  else:  # R = (W(x, nu) + W(y, nu)) / 2; nu* = x for identical measures
+    np.testing.assert_allclose(f["terms"], (f["wxx"] + f["wyy"]) / 4, rtol=1e-5)
+    np.testing.assert_allclose(f["r_same"] - f["terms_same"], f["wxx"] / 2, rtol=1e-2)  # the constant W(nu, nu)/2
+  # Plain W_eps of a cloud with itself is far from 0: it rewards shrinking.
+  assert f["wxx"] > 0.1
+
+
 # ---- evaluation ------------------------------------------------------------------
 
 
@@ -230,16 +267,33 @@ def test_retrieval_by_group_by_hand():
                  "retrieval/unseen_i2t_r1": 1.0, "retrieval/unseen_t2i_r1": 0.5}
 
 
+def test_plan_class_purity_by_construction():
+  # Classes 0, 1, 2 at orthogonal directions: the first half's images and the
+  # second half's captions of the same class coincide, so the plan and the
+  # nearest caption are class-pure; with the second half's labels shuffled, not.
+  labels = np.array([0, 1, 2, 0, 1, 2] * 2)
+  emb = np.eye(3, dtype=np.float32)[labels]
+  cfg = ot_lib.default_config()
+  out = transport.plan_class_purity(emb, emb, labels, cfg)
+  assert out["transport/plan_class_purity"] == pytest.approx(1.0, abs=1e-3)
+  assert out["transport/nearest_class_purity"] == 1.0
+  text = emb.copy()
+  text[6:] = np.eye(3, dtype=np.float32)[[1, 2, 0, 1, 2, 0]]  # captions of the other half point elsewhere
+  out = transport.plan_class_purity(emb, text, labels, cfg)
+  assert out["transport/plan_class_purity"] < 1e-3 and out["transport/nearest_class_purity"] == 0.0
+
+
 def test_evaluator_reports_seen_and_unseen_keys(built):
   data_dir, _, tok = built
   c = _data_config(data_dir)
   model, _ = train.create_model_and_optimizer(c, sharding.make_mesh(c))
   data = pipeline.eval_arrays(c, tok, "test", data_dir=data_dir)
   assert set(UNSEEN) & set(data["labels"]) and set(data["labels"]) - set(UNSEEN)
-  out = Evaluator(c, data, pipeline.class_names(c, data_dir), tok).run(model)
+  out = evaluator.Evaluator(c, data, pipeline.class_names(c, data_dir), tok).run(model)
   for key in ("zeroshot/accuracy", "zeroshot/seen_accuracy", "zeroshot/unseen_accuracy",
               "zeroshot/harmonic_mean", "retrieval/i2t_r1", "retrieval/seen_i2t_r1",
-              "retrieval/seen_t2i_r1", "retrieval/unseen_i2t_r1", "retrieval/unseen_t2i_r1"):
+              "retrieval/seen_t2i_r1", "retrieval/unseen_i2t_r1", "retrieval/unseen_t2i_r1",
+              "transport/plan_class_purity", "transport/nearest_class_purity"):
     assert 0.0 <= out[key] <= 1.0, key
   unseen = np.isin(data["labels"], UNSEEN)
   overall = (unseen.mean() * out["zeroshot/unseen_accuracy"]

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ito_jax.evaluate import gap, retrieval, zeroshot
+from ito_jax.evaluate import gap, retrieval, transport, zeroshot
 
 
 @nnx.jit
@@ -69,4 +69,8 @@ class Evaluator:
       metrics.update(zeroshot.accuracy_by_group(
           emb["image"], zeroshot.class_embeddings(emb["prompt"]), self.data["labels"], unseen))
       metrics.update(retrieval.recall_by_group(emb["image"], emb["caption"], self.data["labels"], unseen))
+    if "partial" in self.config and self.config.partial.enabled:
+      from configs import common  # pylint: disable=g-import-not-at-top
+      metrics.update(transport.plan_class_purity(
+          emb["image"], emb["caption"][:, 0], self.data["labels"], common.ot_solver_config(self.config)))
     return metrics
