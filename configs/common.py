@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   l.num_text_views = 1  # N: caption views per sample.
   l.itm_weight = 0.0  # weight of the fusion head's image-text matching loss.
   l.anchor_weight = 0.0  # weight of the fusion head's fused-anchor alignment loss.
+  # Within the anchor loss: weight of mean(1 - cos) pulling each embedding onto
+  # its anchor (InfoNCE alone is blind to a constant image-text offset).
+  l.anchor_pull_weight = 1.0
 
   # ---- optimizer: AdamW, linear warmup then cosine decay, global-norm clipping
   c.optim = o = ml_collections.ConfigDict()
@@ -154,6 +157,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   for field in ("num_image_views", "num_text_views"):
     _require(isinstance(c.loss[field], int) and c.loss[field] >= 1, f"loss.{field}",
              f"must be an integer >= 1, got {c.loss[field]!r}")
+  _require(c.loss.anchor_pull_weight >= 0, "loss.anchor_pull_weight",
+           f"must be >= 0, got {c.loss.anchor_pull_weight}")
   for field in ("itm_weight", "anchor_weight"):
     _require(c.loss[field] >= 0, f"loss.{field}", f"must be >= 0, got {c.loss[field]}")
     _require(c.loss[field] == 0 or c.model.fusion.enabled, f"loss.{field}",

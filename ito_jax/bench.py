@@ -27,6 +27,8 @@ from ito_jax import sharding, train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_FUSION = flags.DEFINE_bool("fusion_overhead", False,
+                            "Time the step with and without the ITO fusion head (M = N = 1).")
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
@@ -43,44 +45,75 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
   }
 
 
+class CompiledStep:
+  """A compiled train step with its state and a fixed batch, ready to time."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    common.validate(config, jax.device_count(), jax.process_count())
+    self.config = config
+    mesh = sharding.make_mesh(config)
+    model, optimizer = train.create_model_and_optimizer(config, mesh)
+    graphdef, self.state = nnx.split((model, optimizer))
+    step_fn = train.make_train_step(graphdef, sharding.state_shardings(self.state), mesh, config)
+    self.batch = sharding.put_batch(random_batch(config), mesh)
+    self.params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    t0 = time.perf_counter()
+    self.compiled = step_fn.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def run(self, steps: int) -> list[float]:
+    """Runs `steps` steps, returning each one's wall time."""
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      self.state, metrics = self.compiled(self.state, self.batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+    return times
+
+
 def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict:
   """Compiles and times the train step; returns the figures as a dict."""
-  common.validate(config, jax.device_count(), jax.process_count())
-  mesh = sharding.make_mesh(config)
-  model, optimizer = train.create_model_and_optimizer(config, mesh)
-  graphdef, state = nnx.split((model, optimizer))
-  step_fn = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, config)
-  batch = sharding.put_batch(random_batch(config), mesh)
-
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-
+  step = CompiledStep(config)
+  step.run(warmup)
+  median = statistics.median(step.run(steps))
   figures = {
-      "compile_s": compile_s,
-      "step_s_median": statistics.median(times),
-      "examples_per_s": config.batch_size / statistics.median(times),
-      "params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
+      "compile_s": step.compile_s,
+      "step_s_median": median,
+      "examples_per_s": config.batch_size / median,
+      "params": step.params,
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
-  memory = compiled.memory_analysis()
+  memory = step.compiled.memory_analysis()
   if memory is not None:
     figures["compiled_temp_mib"] = memory.temp_size_in_bytes / 2**20
     figures["compiled_argument_mib"] = memory.argument_size_in_bytes / 2**20
-  cost = compiled.cost_analysis()
+  cost = step.compiled.cost_analysis()
   if cost and "flops" in cost:
     figures["xla_flops_per_step"] = cost["flops"]
-    figures["achieved_tflops"] = cost["flops"] / statistics.median(times) / 1e12
+    figures["achieved_tflops"] = cost["flops"] / median / 1e12
   return figures
+
+
+def fusion_overhead(config: ml_collections.ConfigDict, steps: int, rounds: int = 5) -> dict:
+  """Step time with the fusion head and its two losses vs without, same towers,
+  M = N = 1. The two steps alternate over `rounds` so machine noise hits both."""
+  plain = ml_collections.ConfigDict(config.to_dict())
+  plain.model.fusion.enabled = False
+  plain.loss.update(num_image_views=1, num_text_views=1, itm_weight=0.0, anchor_weight=0.0)
+  fused = ml_collections.ConfigDict(plain.to_dict())
+  fused.model.fusion.enabled = True
+  fused.loss.update(itm_weight=1.0, anchor_weight=1.0)
+  a, b = CompiledStep(plain), CompiledStep(fused)
+  a.run(2), b.run(2)
+  times_a, times_b = [], []
+  for _ in range(rounds):
+    times_a += a.run(steps)
+    times_b += b.run(steps)
+  ta, tb = statistics.median(times_a), statistics.median(times_b)
+  return {"step_s_without_fusion": ta, "step_s_with_fusion": tb,
+          "fusion_overhead_pct": 100 * (tb / ta - 1),
+          "params_without_fusion": a.params, "params_with_fusion": b.params}
 
 
 def main(argv):
@@ -91,7 +124,11 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  "
         f"batch: {config.batch_size}  image: {config.model.image.image_size}/"
         f"{config.model.image.patch_size}  loss: {config.loss.name}  dtype: {config.model.dtype}")
-  for name, value in benchmark_step(config, _STEPS.value, _WARMUP.value).items():
+  if _FUSION.value:
+    figures = fusion_overhead(config, _STEPS.value)
+  else:
+    figures = benchmark_step(config, _STEPS.value, _WARMUP.value)
+  for name, value in figures.items():
     print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
 
 

@@ -63,10 +63,12 @@ def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict
     if config.loss.anchor_weight:
       if fused is None:
         fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])
-      anchor, _ = fusion_losses.anchor_loss(
-          out["image_emb"][:, 0], out["text_emb"][:, 0], head.anchor(fused), scale)
+      anchor, anchor_aux = fusion_losses.anchor_loss(
+          out["image_emb"][:, 0], out["text_emb"][:, 0], head.anchor(fused), scale,
+          pull_weight=config.loss.anchor_pull_weight)
       loss = loss + config.loss.anchor_weight * anchor
       metrics["loss/anchor"] = anchor
+      metrics["fusion/anchor_pull"] = anchor_aux["anchor_pull"]
 
   metrics["loss"] = loss
   return loss, metrics
