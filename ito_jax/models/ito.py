@@ -54,15 +54,18 @@ class ItoModel(nnx.Module):
     # Logits are exp(log_scale) * cos + bias; log-parametrised so the scale stays positive.
     self.log_scale = nnx.Param(jnp.asarray(math.log(config.temperature_init), jnp.float32))
     self.logit_bias = nnx.Param(jnp.asarray(config.bias_init, jnp.float32))
-    self.fusion_head = None
+    # Assigned once: a None first would make the attribute static in NNX, and
+    # assigning the head over it afterwards raises.
+    fusion_head = None
     if config.fusion.enabled:
       from ito_jax.models.fusion import FusionHead  # training-only module
-      self.fusion_head = FusionHead(
+      fusion_head = FusionHead(
           text_width=config.text.width, image_width=config.image.width,
           width=config.fusion.width, depth=config.fusion.depth,
           num_heads=config.fusion.num_heads, mlp_ratio=config.fusion.mlp_ratio,
           embed_dim=config.embed_dim, dtype=DTYPES[config.dtype],
           param_dtype=DTYPES[config.param_dtype], rngs=rngs)
+    self.fusion_head = fusion_head
 
   # ---- serving surface: never touches fusion parameters -------------------
   def encode_image(self, images):
