@@ -64,21 +64,34 @@ def tiny_config(objective: str, mesh_shape=(1, 1, 1)):
   return c
 
 
+def fc1_kernel_layout(state):
+  """Per-device shard shape of the first ViT MLP kernel [width, mlp] and of
+  its Adam moments: FSDP splits 'embed' over fsdp, tensor parallelism 'mlp'
+  over tensor, and the optimizer state is laid out like the parameter."""
+  return {"/".join(map(str, path)): list(v[...].addressable_shards[0].data.shape)
+          for path, v in nnx.to_flat_state(state)
+          if path[-3:] == ("mlp", "fc1", "kernel") and "image_tower" in path}
+
+
 def run_steps(config, devices):
-  """Trains STEPS steps on a mesh over `devices`; returns (losses, params, seconds)."""
+  """Trains STEPS steps on a mesh over `devices`; returns (losses, params, seconds,
+  layout, largest parameter change)."""
   common.validate(config, len(devices))
   mesh = sharding.make_mesh(config, devices)
   model, optimizer = train.create_model_and_optimizer(config, mesh)
   graphdef, state = nnx.split((model, optimizer))
   step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, config)
+  initial = jax.tree.map(np.asarray, jax.device_get(nnx.state(model, nnx.Param).to_pure_dict()))
   t0 = time.perf_counter()
   losses = []
   for i in range(STEPS):
     state, metrics = step(state, sharding.put_batch(random_batch(config, seed=i), mesh))
     losses.append(float(metrics["loss"]))
+  layout = fc1_kernel_layout(state)
   nnx.update((model, optimizer), state)
   params = jax.tree.map(np.asarray, jax.device_get(nnx.state(model, nnx.Param).to_pure_dict()))
-  return losses, params, time.perf_counter() - t0
+  update = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, initial)))
+  return losses, params, time.perf_counter() - t0, layout, update
 
 
 def check_steps():
@@ -90,14 +103,16 @@ def check_steps():
     else:
       references[objective] = reference = run_steps(tiny_config(objective), devices[:1])
     for shape in MESHES:
-      losses, params, seconds = run_steps(tiny_config(objective, shape), devices)
+      losses, params, seconds, layout, update = run_steps(tiny_config(objective, shape), devices)
       diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                            params, reference[1]))
       print(json.dumps({
           "check": "step", "objective": objective, "mesh": list(shape),
           "losses": losses, "reference_losses": reference[0],
           "loss_max_abs_diff": max(abs(a - b) for a, b in zip(losses, reference[0])),
-          "param_max_abs_diff": max(diffs), "seconds": round(seconds, 1)}), flush=True)
+          "param_max_abs_diff": max(diffs), "param_max_update": update,
+          "fc1_kernel_shard_shapes": layout,
+          "seconds": round(seconds, 1)}), flush=True)
 
 
 def largest_array(hlo: str):

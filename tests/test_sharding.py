@@ -203,10 +203,15 @@ def test_sharded_step_equals_single_device_step():
   for r in results:
     print(f"step {r['objective']:>14} mesh {r['mesh']}: losses {r['losses']} vs "
           f"{r['reference_losses']}, |d loss| {r['loss_max_abs_diff']:.2e}, "
-          f"|d param| {r['param_max_abs_diff']:.2e}")
+          f"|d param| {r['param_max_abs_diff']:.2e} (largest update {r['param_max_update']:.2e})")
     # Losses of ~20 (sigmoid sums over a row) carry float32 rounding of ~1e-6 relative.
     assert r["loss_max_abs_diff"] <= 1e-5 * max(1.0, max(map(abs, r["reference_losses"])))
     assert r["param_max_abs_diff"] <= 1e-5
+    # The ViT MLP kernel [16, 32] ('embed', 'mlp'): split over fsdp and tensor on each
+    # device, after the step, in the parameter and both Adam moments.
+    _, fsdp, tensor = r["mesh"]
+    shapes = r["fc1_kernel_shard_shapes"]
+    assert len(shapes) == 3 and all(v == [16 // fsdp, 32 // tensor] for v in shapes.values()), shapes
 
 
 @pytest.mark.slow
