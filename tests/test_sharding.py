@@ -81,16 +81,21 @@ def test_objective_without_mesh_equals_the_unsharded_formulation():
   with nnx.use_eager_sharding(False):
     model = ItoModel(config.model, rngs=nnx.Rngs(0))
   batch = {k: jnp.asarray(v) for k, v in random_batch(config).items()}
-  loss, metrics = objective.compute_loss(model, batch, config)
 
-  out = objective.embed_batch(model, batch)
-  scale, head = model.logit_scale, model.fusion_head
-  img0, txt0 = out["image_emb"][:, 0], out["text_emb"][:, 0]
-  align = contrastive.softmax_loss(out["image_emb"], out["text_emb"], scale)
-  itm, _ = fusion_losses.itm_loss(head, out["text_tokens"], out["text_mask"],
-                                  out["image_tokens"], scale * img0 @ txt0.T)
-  fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])
-  anchor, _ = fusion_losses.anchor_loss(img0, txt0, head.anchor(fused), scale)
+  @nnx.jit
+  def both(model, batch):  # one compiled program: eager op-by-op is slow
+    loss, metrics = objective.compute_loss(model, batch, config)
+    out = objective.embed_batch(model, batch)
+    scale, head = model.logit_scale, model.fusion_head
+    img0, txt0 = out["image_emb"][:, 0], out["text_emb"][:, 0]
+    align = contrastive.softmax_loss(out["image_emb"], out["text_emb"], scale)
+    itm, _ = fusion_losses.itm_loss(head, out["text_tokens"], out["text_mask"],
+                                    out["image_tokens"], scale * img0 @ txt0.T)
+    fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])
+    anchor, _ = fusion_losses.anchor_loss(img0, txt0, head.anchor(fused), scale)
+    return loss, metrics, align, itm, anchor
+
+  loss, metrics, align, itm, anchor = both(model, batch)
   np.testing.assert_allclose(metrics["loss/align"], align, rtol=1e-6)
   np.testing.assert_allclose(metrics["loss/itm"], itm, rtol=1e-6)
   np.testing.assert_allclose(metrics["loss/anchor"], anchor, rtol=1e-6)
