@@ -9,6 +9,7 @@ Uses random inputs of the config's shapes, so it measures the step alone
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -27,6 +28,9 @@ from ito_jax import sharding, train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices", 0, "Simulate this many CPU devices (XLA's host platform device count); "
+    "0 keeps the platform's devices. The mesh is config.mesh over all of them.")
 _FUSION = flags.DEFINE_bool("fusion_overhead", False,
                             "Time the step with and without the ITO fusion head (M = N = 1).")
 
@@ -75,23 +79,25 @@ class CompiledStep:
 def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict:
   """Compiles and times the train step; returns the figures as a dict."""
   step = CompiledStep(config)
-  step.run(warmup)
-  median = statistics.median(step.run(steps))
-  figures = {
-      "compile_s": step.compile_s,
-      "step_s_median": median,
-      "examples_per_s": config.batch_size / median,
-      "params": step.params,
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-  }
+  figures = {"devices": jax.device_count(), "compile_s": step.compile_s, "params": step.params}
   memory = step.compiled.memory_analysis()
-  if memory is not None:
+  if memory is not None:  # per device
     figures["compiled_temp_mib"] = memory.temp_size_in_bytes / 2**20
     figures["compiled_argument_mib"] = memory.argument_size_in_bytes / 2**20
+  if steps == 0:  # compile-only: figures that need no execution
+    return figures
+  step.run(warmup)
+  median = statistics.median(step.run(steps))
+  figures.update({
+      "step_s_median": median,
+      "examples_per_s": config.batch_size / median,
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  })
   cost = step.compiled.cost_analysis()
   if cost and "flops" in cost:
     figures["xla_flops_per_step"] = cost["flops"]
-    figures["achieved_tflops"] = cost["flops"] / median / 1e12
+    # cost_analysis is per device program: this is per-device throughput.
+    figures["achieved_tflops_per_device"] = cost["flops"] / median / 1e12
   return figures
 
 
@@ -120,6 +126,9 @@ def main(argv):
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config is required")
+  if _HOST_DEVICES.value:  # read when the backend starts, which is below
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
   config = _CONFIG.value
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  "
         f"batch: {config.batch_size}  image: {config.model.image.image_size}/"

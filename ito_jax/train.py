@@ -60,6 +60,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def create_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
   """Builds the model and its optimizer with parameters placed by their
   logical axis names on `mesh`."""
+  sharding.check_divisible(config, mesh)  # a clear error instead of a failed device_put
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(config)):
     model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
@@ -75,7 +76,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     (_, metrics), grads = nnx.value_and_grad(
-        lambda m: objective.compute_loss(m, batch, config), has_aux=True)(model)
+        lambda m: objective.compute_loss(m, batch, config, mesh), has_aux=True)(model)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["logit_scale"] = model.logit_scale

@@ -108,6 +108,13 @@ def _symmetric_info_nce(logits):
   return 0.5 * (jnp.mean(rows) + jnp.mean(cols))
 
 
+def anchor_pull(image_emb, text_emb, anchor):
+  """Mean (1 - cos) of image and of text embeddings [B, E] to their own anchor."""
+  image_emb, text_emb, anchor = (_at_least_f32(x) for x in (image_emb, text_emb, anchor))
+  return 0.5 * (jnp.mean(1.0 - jnp.sum(image_emb * anchor, axis=-1)) +
+                jnp.mean(1.0 - jnp.sum(text_emb * anchor, axis=-1)))
+
+
 def anchor_loss(image_emb, text_emb, anchor, temperature, pull_weight=0.0):
   """Both modalities contrasted against the fused anchor as a shared target.
 
@@ -133,7 +140,6 @@ def anchor_loss(image_emb, text_emb, anchor, temperature, pull_weight=0.0):
   text_logits = scale * (text_emb @ anchor.T)  # [B, B]
   image_loss = _symmetric_info_nce(image_logits)
   text_loss = _symmetric_info_nce(text_logits)
-  pull = 0.5 * (jnp.mean(1.0 - jnp.sum(image_emb * anchor, axis=-1)) +
-                jnp.mean(1.0 - jnp.sum(text_emb * anchor, axis=-1)))
+  pull = anchor_pull(image_emb, text_emb, anchor)
   aux = {'anchor_image_loss': image_loss, 'anchor_text_loss': text_loss, 'anchor_pull': pull}
   return 0.5 * (image_loss + text_loss) + pull_weight * pull, aux
