@@ -145,10 +145,6 @@ class MetricsWriter:
     tmp.write_text("".join(kept))
     tmp.replace(self.path)
 
-  def flush(self) -> None:
-    if self._summary_writer is not None:
-      self._summary_writer.flush()
-
   def close(self) -> None:
     if self._summary_writer is not None:
       self._summary_writer.close()

@@ -69,7 +69,7 @@ tpu=(gcloud compute tpus tpu-vm)
 where=("--zone=$zone")
 [[ -z $project ]] || where+=("--project=$project")
 jax_version=$(pinned jax)
-gcsfs_version=2026.9.0  # gcsfs releases in lockstep with fsspec; this one matches tfds' fsspec
+gcsfs_version=2026.9.0  # each gcsfs pins the fsspec of its own release; pip installs that one
 
 # ---- 1. the slice ------------------------------------------------------------
 state=""

@@ -8,6 +8,9 @@ import pytest
 from etils import epath
 from tensorboardX.proto import event_pb2
 
+from configs import common, tiny_cpu
+from ito_jax import train
+from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
 from ito_jax.metrics import MetricsWriter, read_jsonl
 from tests.fake_gcs import fake_gcs  # noqa: F401  (fixture)
@@ -106,3 +109,17 @@ def test_embeddings_load_names_what_is_wrong(tmp_path):
   np.savez(tmp_path / "partial.npz", image=np.zeros((2, 3)))
   with pytest.raises(ValueError, match=r"missing arrays \['text', 'labels'\]"):
     embeddings.load(tmp_path / "partial.npz")
+
+
+def test_tokenizer_saves_and_loads_on_gs(fake_gcs):
+  texts = [f"a {c} {s} on the left" for c in ("red", "green", "blue") for s in ("circle", "square")]
+  trained = tokenizer_lib.train_tokenizer(texts * 5, "gs://bucket/run/tokenizer.model", vocab_size=64)
+  loaded = tokenizer_lib.Tokenizer.load("gs://bucket/run/tokenizer.model")
+  np.testing.assert_array_equal(loaded.encode_batch(texts, 8), trained.encode_batch(texts, 8))
+  assert "/bucket/run/tokenizer.model" in fake_gcs
+
+
+def test_remote_workdir_needs_a_local_data_dir():
+  config = tiny_cpu.get_config("runlocal")
+  with pytest.raises(common.ConfigError, match=r"config\.data\.data_dir: must name a local directory"):
+    train.prepare_inputs(config, "gs://bucket/run")
