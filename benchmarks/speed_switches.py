@@ -47,7 +47,9 @@ def switches(base, steps, rounds):
   for name, overrides in VARIANTS.items():
     compiled[name] = bench.CompiledStep(variant(base, **overrides))
     compiled[name].run(1)
-    print(f"compiled {name}: {compiled[name].compile_s:.1f} s", flush=True)
+    first = statistics.median(compiled[name].run(steps))  # a first figure, before the rounds
+    print(f"{name}: compile {compiled[name].compile_s:.1f} s, first step median {first:.3f} s",
+          flush=True)
   times = {name: [] for name in compiled}
   for r in range(rounds):
     names = list(compiled) if r % 2 == 0 else list(compiled)[::-1]
@@ -80,6 +82,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--image_size", type=int, default=128)
+  p.add_argument("--depth", type=int, default=0, help="override both towers' depth (0: bench_s's 6/4)")
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--depths", default="2,4,8,16")
@@ -88,7 +91,10 @@ def main():
   base = bench_s.get_config()
   base.batch_size = args.batch_size
   base.model.image.image_size = args.image_size
-  print(f"shape: bench_s towers, batch {base.batch_size}, image {base.model.image.image_size}")
+  if args.depth:
+    base.model.image.depth = base.model.text.depth = args.depth
+  print(f"shape: bench_s widths, depth {base.model.image.depth}/{base.model.text.depth}, "
+        f"batch {base.batch_size}, image {base.model.image.image_size}")
   if args.only in (None, "switches"):
     switches(base, args.steps, args.rounds)
   if args.only in (None, "compile_depth"):

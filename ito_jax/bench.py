@@ -116,6 +116,8 @@ def compile_figures(config: ml_collections.ConfigDict, step: CompiledStep) -> di
   cost = step.compiled.cost_analysis()
   if cost and "flops" in cost:
     figures["xla_flops_per_example"] = cost["flops"] * jax.device_count() / config.batch_size
+    if config.model.scan_layers:
+      figures["xla_flops_note"] = flops.SCAN_NOTE
   figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return figures
 

@@ -76,6 +76,10 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> float:
   return 3.0 * sum(forward_flops_per_example(config).values())
 
 
+SCAN_NOTE = ("XLA's cost analysis counts a while-loop body once, so with model.scan_layers "
+             "its FLOPs miss (depth - 1) layers per tower; the analytic count is the one to use")
+
+
 def mfu_figures(config: ml_collections.ConfigDict, step_s: float, device_kind: str,
                 num_devices: int, xla_flops_per_step: float | None = None,
                 peak: float | None = None) -> dict:
@@ -97,6 +101,8 @@ def mfu_figures(config: ml_collections.ConfigDict, step_s: float, device_kind: s
     figures["xla_flops_per_example"] = xla_total / config.batch_size
     figures["xla_over_model_flops"] = xla_total / per_step
     figures["xla_tflops_per_s"] = xla_total / step_s / 1e12
+    if config.model.scan_layers:
+      figures["xla_flops_note"] = SCAN_NOTE
   peak = peak if peak else peak_tflops(device_kind)
   if peak:
     figures["peak_tflops_per_device"] = peak

@@ -94,7 +94,8 @@ def test_bf16_compute_keeps_f32_params_and_optimizer_state():
 
 
 def test_donate_switch():
-  c = tiny()
+  c = tiny(width=32, batch=4)
+  c.model.image.depth = c.model.text.depth = 1
   common.validate(c)
   step = bench.CompiledStep(c)
   old = jax.tree.leaves(step.state)[0]
