@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = False  # stack blocks and nnx.scan over them (flat compile time in depth).
   m.remat = "none"  # activation rematerialisation per block: none | full | dots.
   m.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn; or einsum.
+  # Donate the old train state's buffers to the step (jit donate_argnums), so
+  # parameters and optimizer state are updated in place: saves one copy of the
+  # state in memory. False only to measure it (benchmarks/RESULTS.md).
+  m.donate = True
   m.temperature_init = 10.0  # initial logit scale exp(t) (CLIP uses 1/0.07, SigLIP 10).
   m.bias_init = -10.0  # initial logit bias b; read by the sigmoid loss only.
   m.image = ml_collections.ConfigDict()
@@ -210,6 +214,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(m.remat in ("none", "full", "dots"), "model.remat", f"expected none|full|dots, got {m.remat!r}")
   _require(m.attention in ("xla", "cudnn", "einsum"), "model.attention",
            f"expected xla|cudnn|einsum, got {m.attention!r}")
+  _require(isinstance(m.donate, bool), "model.donate", f"must be True or False, got {m.donate!r}")
   _require(m.embed_dim > 0, "model.embed_dim", f"must be positive, got {m.embed_dim}")
   _require(m.temperature_init > 0, "model.temperature_init", f"must be positive, got {m.temperature_init}")
   towers = [("model.image", m.image), ("model.text", m.text)]

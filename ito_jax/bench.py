@@ -2,6 +2,8 @@
 
   python -m ito_jax.bench --config=configs/tiny_cpu.py
   python -m ito_jax.bench --config=configs/bench_s.py --steps=10
+  python -m ito_jax.bench --config=configs/bench_s.py --peak_tflops=1.0   # MFU against a given peak
+  python -m ito_jax.bench --config=configs/clip_vit_b16.py --config.batch_size=8 --steps=0  # compile only
 
 Uses random inputs of the config's shapes, so it measures the step alone
 (the input pipeline has its own figures). One figure per line.
@@ -23,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import common
-from ito_jax import sharding, train
+from ito_jax import flops, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
@@ -33,6 +35,8 @@ _HOST_DEVICES = flags.DEFINE_integer(
     "0 keeps the platform's devices. The mesh is config.mesh over all of them.")
 _FUSION = flags.DEFINE_bool("fusion_overhead", False,
                             "Time the step with and without the ITO fusion head (M = N = 1).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU; 0 looks the "
+                           "device up in ito_jax.flops.PEAK_BF16_TFLOPS (no MFU on CPU without it).")
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
@@ -76,15 +80,13 @@ class CompiledStep:
     return times
 
 
-def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict:
-  """Compiles and times the train step; returns the figures as a dict."""
+def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
+                   peak_tflops: float = 0.0) -> dict:
+  """Compiles and times the train step; returns the figures as a dict.
+  steps=0 compiles only (compile time, compiled memory and FLOPs)."""
   step = CompiledStep(config)
-  figures = {"devices": jax.device_count(), "compile_s": step.compile_s, "params": step.params}
-  memory = step.compiled.memory_analysis()
-  if memory is not None:  # per device
-    figures["compiled_temp_mib"] = memory.temp_size_in_bytes / 2**20
-    figures["compiled_argument_mib"] = memory.argument_size_in_bytes / 2**20
-  if steps == 0:  # compile-only: figures that need no execution
+  figures = {"devices": jax.device_count(), **compile_figures(config, step)}
+  if steps == 0:
     return figures
   step.run(warmup)
   median = statistics.median(step.run(steps))
@@ -94,10 +96,27 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: i
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   })
   cost = step.compiled.cost_analysis()
+  xla_flops = cost["flops"] if cost and "flops" in cost else None
+  figures.update(flops.mfu_figures(config, median, jax.devices()[0].device_kind, jax.device_count(),
+                                   xla_flops, peak_tflops or None))
+  return figures
+
+
+def compile_figures(config: ml_collections.ConfigDict, step: CompiledStep) -> dict:
+  """Figures of a compiled step that need no run: compile time, memory, FLOPs."""
+  figures = {"compile_s": step.compile_s, "params": step.params,
+             "model_flops_per_example": flops.train_flops_per_example(config)}
+  memory = step.compiled.memory_analysis()
+  if memory is not None:  # per device
+    figures["compiled_temp_mib"] = memory.temp_size_in_bytes / 2**20
+    figures["compiled_argument_mib"] = memory.argument_size_in_bytes / 2**20
+  cost = step.compiled.cost_analysis()
   if cost and "flops" in cost:
-    figures["xla_flops_per_step"] = cost["flops"]
-    # cost_analysis is per device program: this is per-device throughput.
-    figures["achieved_tflops_per_device"] = cost["flops"] / median / 1e12
+    # cost_analysis describes one device's program.
+    figures["xla_flops_per_example"] = cost["flops"] * jax.device_count() / config.batch_size
+    if config.model.scan_layers:
+      figures["xla_flops_note"] = flops.SCAN_NOTE
+  figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return figures
 
 
@@ -136,7 +155,7 @@ def main(argv):
   if _FUSION.value:
     figures = fusion_overhead(config, _STEPS.value)
   else:
-    figures = benchmark_step(config, _STEPS.value, _WARMUP.value)
+    figures = benchmark_step(config, _STEPS.value, _WARMUP.value, _PEAK.value)
   for name, value in figures.items():
     print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
 

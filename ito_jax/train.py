@@ -88,7 +88,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,) if config.model.donate else ())
 
 
 # =============================================================================
