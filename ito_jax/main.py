@@ -2,6 +2,10 @@
 
   python -m ito_jax.main --config=configs/tiny_cpu.py --workdir=DIR [--config.FIELD=VALUE ...]
   python -m ito_jax.main evaluate --workdir=DIR
+  python -m ito_jax.main export --workdir=DIR   # encoder-only DIR/export from the latest checkpoint
+
+Training resumes from DIR/checkpoints when it holds any; SIGTERM saves a
+checkpoint and exits with status 0 (rerun the same command to continue).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, tokenizer, metrics and checkpoints.")
 flags.mark_flag_as_required("workdir")
 
-MODES = ("train",)
+MODES = ("train", "export")
 
 
 def format_table(metrics: dict) -> str:
@@ -32,11 +36,20 @@ def main(argv):
   mode = argv[1] if len(argv) > 1 else "train"
   if mode not in MODES or len(argv) > 2:
     raise app.UsageError(f"usage: python -m ito_jax.main [{'|'.join(MODES)}] --workdir=DIR; got {argv[1:]}")
+  if mode == "export":
+    from ito_jax import export
+
+    print(f"Encoder-only export written to {export.export_checkpoint(_WORKDIR.value)}")
+    return
   if _CONFIG.value is None:
     raise app.UsageError("--config is required for training")
   from ito_jax import train
 
   metrics = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if metrics.get("preempted"):
+    print(f"\nPreempted: checkpoint of step {metrics['step']} saved in "
+          f"{os.path.join(_WORKDIR.value, 'checkpoints')}; rerun the same command to resume.")
+    return
   print(f"\nHeld-out evaluation ({_CONFIG.value.eval.split} split), {os.path.join(_WORKDIR.value, 'eval.json')}:")
   print(format_table(metrics))
 
