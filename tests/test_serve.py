@@ -255,3 +255,4 @@ def test_load_test_reports_figures_with_no_errors(server):
   assert report.requests > 3 and summary["requests_per_sec"] > 0
   assert 0 < summary["latency_p50_ms"] <= summary["latency_p99_ms"] <= summary["latency_max_ms"]
   assert "requests_per_sec" in report.table()
+  assert 1 <= summary["forward_passes"] <= report.requests  # read from the server's /health

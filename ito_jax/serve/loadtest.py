@@ -63,6 +63,7 @@ class Report:
   items: int
   latencies_ms: list
   first_error: str = ""
+  forward_passes: int | None = None  # model calls the server made meanwhile (from /health)
 
   @property
   def requests_per_sec(self) -> float:
@@ -77,7 +78,10 @@ class Report:
             "items_per_sec": round(self.items / self.seconds, 1),
             "latency_p50_ms": round(self.percentile(50), 2),
             "latency_p99_ms": round(self.percentile(99), 2),
-            "latency_max_ms": round(max(self.latencies_ms, default=float("nan")), 2)}
+            "latency_max_ms": round(max(self.latencies_ms, default=float("nan")), 2),
+            "forward_passes": self.forward_passes,
+            "requests_per_pass": (round(self.requests / self.forward_passes, 2)
+                                  if self.forward_passes else None)}
 
   def table(self) -> str:
     s = self.summary()
@@ -85,6 +89,17 @@ class Report:
     if self.first_error:
       lines.append(f"{'first_error':<16} {self.first_error}")
     return "\n".join(lines)
+
+
+def _forward_passes(host: str, port: int) -> int | None:
+  try:
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", "/health")
+    batches = json.loads(conn.getresponse().read()).get("batches", {})
+    conn.close()
+    return sum(batches.values())
+  except (OSError, http.client.HTTPException, ValueError, AttributeError):
+    return None
 
 
 def run(url: str, clients: int = 8, seconds: float = 10.0, kind: str = "mixed",
@@ -131,6 +146,7 @@ def run(url: str, clients: int = 8, seconds: float = 10.0, kind: str = "mixed",
           latencies.append(elapsed_ms)
     conn.close()
 
+  passes_before = _forward_passes(parsed.hostname, parsed.port)
   started = time.monotonic()
   threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
   for t in threads:
@@ -138,8 +154,11 @@ def run(url: str, clients: int = 8, seconds: float = 10.0, kind: str = "mixed",
   for t in threads:
     t.join(timeout=seconds + request_timeout + 5)
   elapsed = time.monotonic() - started
+  passes_after = _forward_passes(parsed.hostname, parsed.port)
+  passes = (passes_after - passes_before
+            if passes_before is not None and passes_after is not None else None)
   return Report(clients, elapsed, counts["requests"], counts["errors"], counts["items"], latencies,
-                first_error[0] if first_error else "")
+                first_error[0] if first_error else "", passes)
 
 
 class ServerProcess:
