@@ -19,10 +19,6 @@ from ml_collections import config_flags
 
 from ito_jax.metrics import read_jsonl
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The full-ITO config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the four runs and the tables.")
-_VARIANTS = flags.DEFINE_list("variants", None, "Subset of variants to run (default: all four).")
-
 VARIANTS = ("baseline", "multi_align", "fusion", "ito")
 TABLE_KEYS = ("retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retrieval/t2i_r5",
               "zeroshot/accuracy", "gap/centroid_distance", "gap/modality_classifier_acc",
@@ -91,14 +87,14 @@ def plot_gap(workdir: str, variants) -> str:
 
 def main(argv):
   del argv
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required")
   from ito_jax import train
 
-  variants = _VARIANTS.value or list(VARIANTS)
-  workdir = _WORKDIR.value
+  variants = FLAGS.variants or list(VARIANTS)
+  workdir = FLAGS.workdir
   # One data set for all variants: generated once under DIR/data.
-  full = _CONFIG.value
+  full = FLAGS.config
   if not full.data.data_dir:
     full.data.data_dir = os.path.join(workdir, "data")
   results = {}
@@ -117,5 +113,12 @@ def main(argv):
   print("gap plot:", plot_gap(workdir, variants))
 
 
+FLAGS = flags.FLAGS
+
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so tests can import the
+  # variant logic next to other modules that define --config.
+  config_flags.DEFINE_config_file("config", None, "The full-ITO config.")
+  flags.DEFINE_string("workdir", None, "Directory for the four runs and the tables.")
+  flags.DEFINE_list("variants", None, "Subset of variants to run (default: all four).")
   app.run(main)

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
@@ -20,8 +21,9 @@ from configs import common
 from ito_jax import checkpoint, export, objective, sharding
 from ito_jax.data import pipeline, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
+from ito_jax.evaluate import embeddings
 from ito_jax.evaluate.evaluator import Evaluator
-from ito_jax.metrics import MetricsWriter
+from ito_jax.metrics import MetricsWriter, is_remote
 from ito_jax.models.ito import ItoModel
 
 # =============================================================================
@@ -61,6 +63,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def create_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
   """Builds the model and its optimizer with parameters placed by their
   logical axis names on `mesh`."""
+  sharding.check_divisible(config, mesh)  # a clear error instead of a failed device_put
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(config)):
     model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
@@ -76,6 +79,7 @@ def abstract_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
     model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
     return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
 
+  sharding.check_divisible(config, mesh)
   with nnx.logical_axis_rules(sharding.logical_rules(config)):
     return nnx.get_abstract_model(init, mesh)
 
@@ -89,7 +93,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     (_, metrics), grads = nnx.value_and_grad(
-        lambda m: objective.compute_loss(m, batch, config), has_aux=True)(model)
+        lambda m: objective.compute_loss(m, batch, config, mesh), has_aux=True)(model)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["logit_scale"] = model.logit_scale
@@ -99,7 +103,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,) if config.model.donate else ())
 
 
 # =============================================================================
@@ -109,10 +113,14 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
   """Builds (once) the data set and the tokenizer the run uses; returns
   (data_dir, tokenizer). The tokenizer is trained on the training captions and
   saved in the workdir, so a resumed or exported run reads the same one."""
+  if is_remote(workdir) and not config.data.data_dir:
+    raise common.ConfigError(
+        f"config.data.data_dir: must name a local directory when the workdir is remote "
+        f"({workdir}); the data set is built and read on local disk")
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   builder = pipeline.builder_for(config, data_dir)
   tok_path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(tok_path):
+  if epath.Path(tok_path).exists():
     return data_dir, tokenizer_lib.Tokenizer.load(tok_path)
   return data_dir, tokenizer_lib.train_tokenizer(
       synthetic.train_captions(builder), tok_path, config.model.text.vocab_size)
@@ -123,8 +131,10 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
 # =============================================================================
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains for config.total_steps, evaluates periodically, writes
-  WORKDIR/metrics.jsonl, WORKDIR/eval.json, checkpoints in WORKDIR/checkpoints
-  and the encoder-only WORKDIR/export; returns the final eval metrics.
+  WORKDIR/metrics.jsonl (+ TensorBoard events in WORKDIR/tensorboard),
+  WORKDIR/eval.json, WORKDIR/embeddings.npz (a held-out sample for plots),
+  checkpoints in WORKDIR/checkpoints and the encoder-only WORKDIR/export;
+  returns the final eval metrics. WORKDIR may be a gs:// path.
 
   A workdir that holds checkpoints resumes from the latest one. On SIGTERM the
   run saves a checkpoint at the next step boundary and returns
@@ -137,10 +147,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preemption: checkpoint.PreemptionWatch) -> dict:
   common.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   data_dir, tokenizer = prepare_inputs(config, workdir)
   train_iter = iter(pipeline.train_dataset(
@@ -195,11 +204,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ckpt.save(step, state, train_iter, mesh)  # no-op when this step was just saved
       ckpt.close()
       bar.close()
+      writer.close()
       if hasattr(train_iter, "close"):
         train_iter.close()
       logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume", step)
       return {"step": step, "preempted": True}
   bar.close()
+  writer.close()
   if config.total_steps > start_step:
     ckpt.save(config.total_steps, state, train_iter, mesh)
   ckpt.close()
@@ -208,9 +219,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not eval_metrics:  # no evaluation ran in this process (0 steps, or resumed at the end)
     eval_metrics = evaluator.run(model)
   eval_metrics = {"step": config.total_steps, **eval_metrics}
+  held_out = embeddings.compute(model, evaluator.data, config.eval.batch_size)  # for plots
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(eval_metrics, f, indent=2, sort_keys=True)
+    (epath.Path(workdir) / "eval.json").write_text(json.dumps(eval_metrics, indent=2, sort_keys=True))
+    embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
   export.export_model(model, config, os.path.join(workdir, "tokenizer.model"),
                       os.path.join(workdir, "export"), step=config.total_steps)
   if hasattr(train_iter, "close"):

@@ -79,13 +79,15 @@ def optax_norm(tree):
 
 
 def test_objective_adds_weighted_fusion_losses(config, inputs):
-  """loss = align + w_itm * itm + w_anchor * anchor, each term reported."""
+  """loss = align + w_itm * itm + w_anchor * (anchor + w_pull * pull), each term reported."""
   images, tokens = inputs
   model = build(config.model)
   batch = {"images": jnp.stack([images, images[::-1]], axis=1),  # [4, 2, H, W, 3]
            "tokens": jnp.stack([tokens, tokens], axis=1)}  # [4, 2, L]
   loss, m = objective.compute_loss(model, batch, config)
-  expected = m["loss/align"] + config.loss.itm_weight * m["loss/itm"] + config.loss.anchor_weight * m["loss/anchor"]
+  l = config.loss
+  expected = (m["loss/align"] + l.itm_weight * m["loss/itm"] +
+              l.anchor_weight * (m["loss/anchor"] + l.anchor_pull_weight * m["fusion/anchor_pull"]))
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   base = variant_config(config, "baseline")
   loss_base, m_base = objective.compute_loss(build(base.model), {k: v[:, :1] for k, v in batch.items()}, base)

@@ -96,6 +96,7 @@ def test_zero_shot_classifier(embedder):
   assert logits.shape == (4, 3)
   assert clf.predict(images) == [names[i] for i in logits.argmax(-1)]
   assert embedder.zero_shot_classifier(names).weights.shape == (3, embedder.embed_dim)  # run's templates
+  np.testing.assert_array_equal(np.asarray(clf), clf.weights)  # usable as the [classes, D] matrix
   with pytest.raises(serve.InputError, match="'{}'"):
     embedder.zero_shot_classifier(names, ["no placeholder"])
 

@@ -49,6 +49,11 @@ class ZeroShotClassifier:
   weights: np.ndarray  # [classes, D], L2-normalised mean of the template embeddings
   embedder: "Embedder"
 
+  def __array__(self, dtype=None, copy=None):
+    """np.asarray(classifier) is its [classes, D] weight matrix."""
+    del copy
+    return np.asarray(self.weights, dtype=dtype)
+
   def logits(self, images) -> np.ndarray:
     """Cosine similarities [n, classes]."""
     return self.embedder.embed_images(images) @ self.weights.T
