@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50  # a metrics.jsonl line every this many steps (> 0).
   c.eval_every_steps = 500  # held-out evaluation every this many steps, and at the end (> 0).
   c.batch_size = 128  # global batch (samples, each with M image and N text views).
+  c.checkpoint_every_steps = 500  # async orbax save to WORKDIR/checkpoints every this many steps (> 0).
+  c.keep_checkpoints = 3  # most recent checkpoints kept on disk (>= 1).
 
   # ---- model ----------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -163,7 +165,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   for field in ("total_steps",):
     _require(isinstance(c[field], int) and c[field] >= 0, field,
              f"must be a non-negative integer, got {c[field]!r}")
-  for field in ("log_every_steps", "eval_every_steps", "batch_size"):
+  for field in ("log_every_steps", "eval_every_steps", "batch_size", "checkpoint_every_steps",
+                "keep_checkpoints"):
     _require(isinstance(c[field], int) and c[field] > 0, field,
              f"must be a positive integer, got {c[field]!r}")
   try:

@@ -2,6 +2,10 @@
 
   python -m ito_jax.main --config=configs/tiny_cpu.py --workdir=DIR [--config.FIELD=VALUE ...]
   python -m ito_jax.main evaluate --workdir=DIR
+  python -m ito_jax.main export --workdir=DIR   # encoder-only DIR/export from the latest checkpoint
+
+Training resumes from DIR/checkpoints when it holds any; SIGTERM saves a
+checkpoint and exits with status 0 (rerun the same command to continue).
 
 Several processes (one per host) run the same command. TPU pods and Slurm /
 Open MPI GPU clusters are detected; a CPU cluster names its coordinator:
@@ -34,7 +38,7 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (CPU clusters).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
 
-MODES = ("train",)
+MODES = ("train", "export")
 
 
 def format_table(metrics: dict) -> str:
@@ -50,6 +54,11 @@ def main(argv):
   mode = argv[1] if len(argv) > 1 else "train"
   if mode not in MODES or len(argv) > 2:
     raise app.UsageError(f"usage: python -m ito_jax.main [{'|'.join(MODES)}] --workdir=DIR; got {argv[1:]}")
+  if mode == "export":
+    from ito_jax import export
+
+    print(f"Encoder-only export written to {export.export_checkpoint(_WORKDIR.value)}")
+    return
   if _CONFIG.value is None:
     raise app.UsageError("--config is required for training")
   # Before anything touches a device: the device list depends on it.
@@ -59,6 +68,10 @@ def main(argv):
 
   metrics = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() != 0:
+    return
+  if metrics.get("preempted"):
+    print(f"\nPreempted: checkpoint of step {metrics['step']} saved in "
+          f"{os.path.join(_WORKDIR.value, 'checkpoints')}; rerun the same command to resume.")
     return
   print(f"\nHeld-out evaluation ({_CONFIG.value.eval.split} split), {os.path.join(_WORKDIR.value, 'eval.json')}:")
   print(format_table(metrics))

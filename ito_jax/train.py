@@ -12,12 +12,13 @@ import time
 import jax
 import ml_collections
 import optax
+from absl import logging
 from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
 from configs import common
-from ito_jax import objective, sharding
+from ito_jax import checkpoint, export, objective, sharding
 from ito_jax.data import pipeline, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
@@ -69,6 +70,20 @@ def create_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
   return model, optimizer
 
 
+def abstract_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
+  """(graphdef, state) like create_model_and_optimizer's, but the state holds
+  only shapes, dtypes and shardings on `mesh`: a restore target that
+  allocates nothing."""
+
+  def init():
+    model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
+    return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+
+  sharding.check_divisible(config, mesh)
+  with nnx.logical_axis_rules(sharding.logical_rules(config)):
+    return nnx.get_abstract_model(init, mesh)
+
+
 # =============================================================================
 # Step: pure function of (state, batch), jitted with explicit shardings
 # =============================================================================
@@ -117,8 +132,19 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains for config.total_steps, evaluates periodically, writes
   WORKDIR/metrics.jsonl (+ TensorBoard events in WORKDIR/tensorboard),
-  WORKDIR/eval.json and WORKDIR/embeddings.npz (a held-out sample for plots);
-  returns the final eval metrics. WORKDIR may be a gs:// path."""
+  WORKDIR/eval.json, WORKDIR/embeddings.npz (a held-out sample for plots),
+  checkpoints in WORKDIR/checkpoints and the encoder-only WORKDIR/export;
+  returns the final eval metrics. WORKDIR may be a gs:// path.
+
+  A workdir that holds checkpoints resumes from the latest one. On SIGTERM the
+  run saves a checkpoint at the next step boundary and returns
+  {"step": step, "preempted": True}."""
+  with checkpoint.PreemptionWatch() as preemption:
+    return _train_and_evaluate(config, workdir, preemption)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        preemption: checkpoint.PreemptionWatch) -> dict:
   common.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -133,19 +159,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config, pipeline.eval_arrays(config, tokenizer, config.eval.split, data_dir=data_dir),
       pipeline.class_names(config, data_dir), tokenizer)
 
-  model, optimizer = create_model_and_optimizer(config, mesh)
-  graphdef, state = nnx.split((model, optimizer))
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  if ckpt.latest_step() is None:
+    model, optimizer = create_model_and_optimizer(config, mesh)
+    graphdef, state = nnx.split((model, optimizer))
+    start_step = 0
+  else:  # resume: state and data position exactly as saved, on this run's mesh
+    graphdef, state = abstract_model_and_optimizer(config, mesh)
+    state, start_step = ckpt.restore(state, train_iter)
+    model, optimizer = nnx.merge(graphdef, state)
   state_shardings = sharding.state_shardings(state)
   train_step = make_train_step(graphdef, state_shardings, mesh, config)
   schedule = learning_rate_schedule(config)
   writer = MetricsWriter(workdir)
-  start_step = 0
   writer.truncate_after(start_step)  # a rerun rewrites the steps it trains again
+  if start_step:
+    logging.warning("resuming from checkpoint step %d in %s", start_step, ckpt.directory)
 
   eval_metrics: dict = {}
   t_last, steps_since_log = time.perf_counter(), 0
-  bar = tqdm(total=config.total_steps, desc="train", unit="step", dynamic_ncols=True,
-             disable=jax.process_index() != 0)
+  bar = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
+             dynamic_ncols=True, disable=jax.process_index() != 0)
   for step in range(start_step + 1, config.total_steps + 1):
     batch = sharding.put_batch(next(train_iter), mesh)
     state, metrics = train_step(state, batch)
@@ -165,16 +199,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_metrics = evaluator.run(model)
       writer.write(step, eval_metrics)
       t_last = time.perf_counter()  # evaluation time is not training throughput
+    ckpt.maybe_save(step, state, train_iter, mesh)
+    if preemption.reached(step, ckpt):
+      ckpt.save(step, state, train_iter, mesh)  # no-op when this step was just saved
+      ckpt.close()
+      bar.close()
+      writer.close()
+      if hasattr(train_iter, "close"):
+        train_iter.close()
+      logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume", step)
+      return {"step": step, "preempted": True}
   bar.close()
   writer.close()
+  if config.total_steps > start_step:
+    ckpt.save(config.total_steps, state, train_iter, mesh)
+  ckpt.close()
 
-  if config.total_steps == 0:
+  nnx.update((model, optimizer), state)
+  if not eval_metrics:  # no evaluation ran in this process (0 steps, or resumed at the end)
     eval_metrics = evaluator.run(model)
   eval_metrics = {"step": config.total_steps, **eval_metrics}
   held_out = embeddings.compute(model, evaluator.data, config.eval.batch_size)  # for plots
   if jax.process_index() == 0:
     (epath.Path(workdir) / "eval.json").write_text(json.dumps(eval_metrics, indent=2, sort_keys=True))
     embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
+  export.export_model(model, config, os.path.join(workdir, "tokenizer.model"),
+                      os.path.join(workdir, "export"), step=config.total_steps)
   if hasattr(train_iter, "close"):
     train_iter.close()
   return eval_metrics
