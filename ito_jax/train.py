@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from configs import common
 from ito_jax import objective, sharding
-from ito_jax.data import pipeline, synthetic
+from ito_jax.data import pipeline
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate.evaluator import Evaluator
 from ito_jax.metrics import MetricsWriter
@@ -96,12 +96,11 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
   (data_dir, tokenizer). The tokenizer is trained on the training captions and
   saved in the workdir, so a resumed or exported run reads the same one."""
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
-  builder = pipeline.builder_for(config, data_dir)
   tok_path = os.path.join(workdir, "tokenizer.model")
   if os.path.exists(tok_path):
     return data_dir, tokenizer_lib.Tokenizer.load(tok_path)
   return data_dir, tokenizer_lib.train_tokenizer(
-      synthetic.train_captions(builder), tok_path, config.model.text.vocab_size)
+      pipeline.tokenizer_texts(config, data_dir), tok_path, config.model.text.vocab_size)
 
 
 # =============================================================================
@@ -149,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics["learning_rate"] = schedule(step - 1)
       metrics["examples_per_sec"] = steps_since_log * config.batch_size / elapsed
       metrics["steps_per_sec"] = steps_since_log / elapsed
+      metrics.update(pipeline.data_metrics(train_iter))  # bad records skipped, by kind
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
       t_last, steps_since_log = time.perf_counter(), 0
