@@ -14,7 +14,7 @@ import pytest
 
 import data_helpers as h
 from ito_jax import train
-from ito_jax.data import convert, pipeline, sources, synthetic
+from ito_jax.data import convert, pipeline, records, sources, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.metrics import read_jsonl
 
@@ -113,6 +113,29 @@ def test_tfds(inputs, tmp_path):
     sources.TfdsFields.detect({})
   with pytest.raises(ValueError, match='other input or options'):  # a different split, same output
     convert.convert('tfds', shapes.data_dir, str(tmp_path / 'out'), split='validation', progress=False)
+
+
+def test_tfds_fields_of_common_layouts():
+  """coco_captions / imagenet2012 / cifar10 feature layouts (built here, not
+  downloaded): the right image, caption, label and id features are found."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  f, i64 = tfds.features, np.int64
+  coco = f.FeaturesDict({
+      'captions': f.Sequence({'id': f.Tensor(shape=(), dtype=i64), 'text': f.Text()}),
+      'image': f.Image(), 'image/filename': f.Text(), 'image/id': f.Tensor(shape=(), dtype=i64),
+      'objects': f.Sequence({'label': f.ClassLabel(num_classes=80)})})
+  fields = sources.TfdsFields.detect(coco)
+  assert fields == sources.TfdsFields('image', 'captions/text', '', 'image/filename')
+  record = {'captions': {'id': [1, 2], 'text': [b'a dog', b'two dogs']}, 'image': b'jpeg bytes',
+            'image/filename': b'0001.jpg', 'image/id': 1, 'objects': {'label': [3]}}
+  assert fields.to_raw(record, 'unused') == records.RawRecord(
+      id='0001.jpg', image=b'jpeg bytes', captions=[b'a dog', b'two dogs'], label=None)
+  imagenet = f.FeaturesDict({'image': f.Image(), 'label': f.ClassLabel(num_classes=9),
+                             'file_name': f.Text()})  # the file name is no caption
+  assert sources.TfdsFields.detect(imagenet) == sources.TfdsFields('image', '', 'label', 'file_name')
+  cifar = f.FeaturesDict({'id': f.Text(), 'image': f.Image(shape=(32, 32, 3)),
+                          'label': f.ClassLabel(num_classes=10)})
+  assert sources.TfdsFields.detect(cifar, captions='') == sources.TfdsFields('image', '', 'label', 'id')
 
 
 def test_labels_without_captions_get_template_captions(tmp_path):

@@ -70,10 +70,18 @@ def read_manifest(path: str) -> dict:
 
 # ----------------------------------------------------------------- TFDS
 def _get(record: dict, path: str):
-  value = record
-  for part in path.split('/'):
-    value = value[part]
-  return value
+  """record['a']['b'] for path 'a/b'; TFDS keys may hold '/' themselves
+  (coco_captions has a top-level 'image/filename'), so longer keys win."""
+  parts = path.split('/')
+  for i in range(len(parts), 0, -1):
+    key = '/'.join(parts[:i])
+    if key in record:
+      return record[key] if i == len(parts) else _get(record[key], '/'.join(parts[i:]))
+  raise KeyError(f'{path!r} not in record keys {sorted(record)}')
+
+
+_ID_NAMES = ('id', 'image_id', 'filename', 'file_name')
+_CAPTION_WORDS = ('caption', 'text', 'sentence', 'description')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +102,10 @@ class TfdsFields:
     of_type = lambda t: [k for k, f in flat.items() if isinstance(f, t)]
     images = of_type(tfds.features.Image)
     texts = of_type(tfds.features.Text)
-    ids = [k for k in texts + of_type(tfds.features.Tensor)
-           if k.split('/')[-1] in ('id', 'image_id', 'filename') or k in ('image/filename', 'image/id')]
-    captions = ([k for k in texts if 'caption' in k] + [k for k in texts if 'text' in k] +
-                [k for k in texts if k not in ids])
+    ids = [k for k in texts + of_type(tfds.features.Tensor) if k.split('/')[-1] in _ID_NAMES]
+    # Only text that is named like a caption: a stray text feature (a file name,
+    # a URL) must not become one. Name it with --caption_key otherwise.
+    captions = [k for word in _CAPTION_WORDS for k in texts if word in k and k not in ids]
     labels = [k for k in of_type(tfds.features.ClassLabel) if '/' not in k]
     found = dict(image=images[0] if images else '', captions=captions[0] if captions else '',
                  label=labels[0] if labels else '', id=ids[0] if ids else '')
@@ -184,6 +192,8 @@ class TfdsSource:
 def _skip_image_decoding(features, image_path: str) -> dict:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   decoders: Any = tfds.decode.SkipDecoding()
+  if image_path in features:  # top level (its name may hold '/')
+    return {image_path: decoders}
   for part in reversed(image_path.split('/')[1:]):
     decoders = {part: decoders}
   return {image_path.split('/')[0]: decoders}
