@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ito_jax import sharding
+from ito_jax.losses.sharded import SIGMOID_VARIANTS
 from ito_jax.models.text import TEXT_SIZES
 from ito_jax.models.vit import parse_variant
 
@@ -33,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = False  # stack blocks and nnx.scan over them (flat compile time in depth).
   m.remat = "none"  # activation rematerialisation per block: none | full | dots.
   m.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn; or einsum.
+  # Donate the old train state's buffers to the step (jit donate_argnums), so
+  # parameters and optimizer state are updated in place: saves one copy of the
+  # state in memory. False only to measure it (benchmarks/RESULTS.md).
+  m.donate = True
   m.temperature_init = 10.0  # initial logit scale exp(t) (CLIP uses 1/0.07, SigLIP 10).
   m.bias_init = -10.0  # initial logit bias b; read by the sigmoid loss only.
   m.image = ml_collections.ConfigDict()
@@ -65,6 +71,20 @@ def base_config() -> ml_collections.ConfigDict:
   l.num_text_views = 1  # N: caption views per sample.
   l.itm_weight = 0.0  # weight of the fusion head's image-text matching loss.
   l.anchor_weight = 0.0  # weight of the fusion head's fused-anchor alignment loss.
+  # Within the anchor loss: weight of mean(1 - cos) pulling each embedding onto
+  # its anchor (InfoNCE alone is blind to a constant image-text offset).
+  l.anchor_pull_weight = 1.0
+  # Batch-level terms (alignment, saturation, ITM mining, anchor) score each batch
+  # shard's rows against all-gathered columns under shard_map, so no device holds a
+  # global [B, B] (ito_jax/losses/sharded.py). False: the same math on global arrays,
+  # laid out by GSPMD.
+  l.sharded = True
+  l.sigmoid_variant = "gather"  # sigmoid only: gather ([b, B] logits per device) | ring
+  #   (text chunks passed round the batch shards with ppermute, [b, b] per device; needs sharded).
+  # ITM hard negatives are mined among consecutive pools of this many samples (>= 2)
+  # and never cross a batch shard; 0: the whole shard (B / (mesh.data * mesh.fsdp)
+  # samples when sharded, else the whole batch). Set it to compare runs on different meshes.
+  l.itm_negative_pool = 0
 
   # ---- optimizer: AdamW, linear warmup then cosine decay, global-norm clipping
   c.optim = o = ml_collections.ConfigDict()
@@ -158,18 +178,47 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   for field in ("log_every_steps", "eval_every_steps", "batch_size"):
     _require(isinstance(c[field], int) and c[field] > 0, field,
              f"must be a positive integer, got {c[field]!r}")
-  _require(c.batch_size % num_devices == 0, "batch_size",
-           f"{c.batch_size} is not divisible by the device count {num_devices}")
+  try:
+    data, fsdp, tensor = sharding.mesh_shape(c, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for rule in c.logical_axis_rules:
+    _require(len(rule) == 2 and isinstance(rule[0], str), "logical_axis_rules",
+             f"each rule is (logical_name, mesh_axes), got {rule!r}")
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    _require(all(a is None or a in sharding.MESH_AXES for a in axes), "logical_axis_rules",
+             f"rule {tuple(rule)!r} names a mesh axis outside {sharding.MESH_AXES}")
+  batch_shards = data * fsdp
+  _require(c.batch_size % batch_shards == 0, "batch_size",
+           f"{c.batch_size} is not divisible by the {batch_shards} batch shards "
+           f"(config.mesh.data x config.mesh.fsdp = {data} x {fsdp} on {num_devices} devices)")
   _require(c.batch_size % num_processes == 0, "batch_size",
            f"{c.batch_size} is not divisible by the process count {num_processes}")
   _require(c.loss.name in LOSSES, "loss.name", f"unknown loss {c.loss.name!r}; expected one of {LOSSES}")
   for field in ("num_image_views", "num_text_views"):
     _require(isinstance(c.loss[field], int) and c.loss[field] >= 1, f"loss.{field}",
              f"must be an integer >= 1, got {c.loss[field]!r}")
+  _require(c.loss.anchor_pull_weight >= 0, "loss.anchor_pull_weight",
+           f"must be >= 0, got {c.loss.anchor_pull_weight}")
   for field in ("itm_weight", "anchor_weight"):
     _require(c.loss[field] >= 0, f"loss.{field}", f"must be >= 0, got {c.loss[field]}")
     _require(c.loss[field] == 0 or c.model.fusion.enabled, f"loss.{field}",
              "is non-zero but model.fusion.enabled is False")
+  _require(isinstance(c.loss.sharded, bool), "loss.sharded", f"must be a bool, got {c.loss.sharded!r}")
+  _require(c.loss.sigmoid_variant in SIGMOID_VARIANTS, "loss.sigmoid_variant",
+           f"expected one of {SIGMOID_VARIANTS}, got {c.loss.sigmoid_variant!r}")
+  _require(c.loss.sigmoid_variant != "ring" or c.loss.sharded, "loss.sigmoid_variant",
+           "'ring' passes text chunks between batch shards and needs loss.sharded = True")
+  pool = c.loss.itm_negative_pool
+  shard_batch = c.batch_size // batch_shards if c.loss.sharded else c.batch_size
+  _require(isinstance(pool, int) and (pool == 0 or pool >= 2), "loss.itm_negative_pool",
+           f"must be 0 (the whole batch shard) or an integer >= 2, got {pool!r}")
+  if c.loss.itm_weight:
+    _require(shard_batch % (pool or shard_batch) == 0 and (pool or shard_batch) >= 2,
+             "loss.itm_negative_pool",
+             f"ITM negatives are mined within pools of {pool or shard_batch} samples, which must "
+             f"be >= 2 and divide the {shard_batch} samples of each batch shard "
+             f"(batch_size / (mesh.data x mesh.fsdp), with loss.sharded)")
 
   m = c.model
   _require(m.dtype in DTYPES, "model.dtype", f"expected one of {DTYPES}, got {m.dtype!r}")
@@ -177,6 +226,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(m.remat in ("none", "full", "dots"), "model.remat", f"expected none|full|dots, got {m.remat!r}")
   _require(m.attention in ("xla", "cudnn", "einsum"), "model.attention",
            f"expected xla|cudnn|einsum, got {m.attention!r}")
+  _require(isinstance(m.donate, bool), "model.donate", f"must be True or False, got {m.donate!r}")
   _require(m.embed_dim > 0, "model.embed_dim", f"must be positive, got {m.embed_dim}")
   _require(m.temperature_init > 0, "model.temperature_init", f"must be positive, got {m.temperature_init}")
   towers = [("model.image", m.image), ("model.text", m.text)]

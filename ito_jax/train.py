@@ -12,6 +12,7 @@ import time
 import jax
 import ml_collections
 import optax
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
@@ -19,8 +20,9 @@ from configs import common
 from ito_jax import objective, sharding
 from ito_jax.data import pipeline
 from ito_jax.data import tokenizer as tokenizer_lib
+from ito_jax.evaluate import embeddings
 from ito_jax.evaluate.evaluator import Evaluator
-from ito_jax.metrics import MetricsWriter
+from ito_jax.metrics import MetricsWriter, is_remote
 from ito_jax.models.ito import ItoModel
 
 # =============================================================================
@@ -60,6 +62,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def create_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
   """Builds the model and its optimizer with parameters placed by their
   logical axis names on `mesh`."""
+  sharding.check_divisible(config, mesh)  # a clear error instead of a failed device_put
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(config)):
     model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
@@ -75,7 +78,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     (_, metrics), grads = nnx.value_and_grad(
-        lambda m: objective.compute_loss(m, batch, config), has_aux=True)(model)
+        lambda m: objective.compute_loss(m, batch, config, mesh), has_aux=True)(model)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["logit_scale"] = model.logit_scale
@@ -85,7 +88,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,) if config.model.donate else ())
 
 
 # =============================================================================
@@ -95,9 +98,13 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
   """Builds (once) the data set and the tokenizer the run uses; returns
   (data_dir, tokenizer). The tokenizer is trained on the training captions and
   saved in the workdir, so a resumed or exported run reads the same one."""
+  if is_remote(workdir) and not config.data.data_dir:
+    raise common.ConfigError(
+        f"config.data.data_dir: must name a local directory when the workdir is remote "
+        f"({workdir}); the data set is built and read on local disk")
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   tok_path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(tok_path):
+  if epath.Path(tok_path).exists():
     return data_dir, tokenizer_lib.Tokenizer.load(tok_path)
   return data_dir, tokenizer_lib.train_tokenizer(
       pipeline.tokenizer_texts(config, data_dir), tok_path, config.model.text.vocab_size)
@@ -108,13 +115,14 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
 # =============================================================================
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains for config.total_steps, evaluates periodically, writes
-  WORKDIR/metrics.jsonl and WORKDIR/eval.json; returns the final eval metrics."""
+  WORKDIR/metrics.jsonl (+ TensorBoard events in WORKDIR/tensorboard),
+  WORKDIR/eval.json and WORKDIR/embeddings.npz (a held-out sample for plots);
+  returns the final eval metrics. WORKDIR may be a gs:// path."""
   common.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   data_dir, tokenizer = prepare_inputs(config, workdir)
   train_iter = iter(pipeline.train_dataset(
@@ -158,13 +166,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write(step, eval_metrics)
       t_last = time.perf_counter()  # evaluation time is not training throughput
   bar.close()
+  writer.close()
 
   if config.total_steps == 0:
     eval_metrics = evaluator.run(model)
   eval_metrics = {"step": config.total_steps, **eval_metrics}
+  held_out = embeddings.compute(model, evaluator.data, config.eval.batch_size)  # for plots
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(eval_metrics, f, indent=2, sort_keys=True)
+    (epath.Path(workdir) / "eval.json").write_text(json.dumps(eval_metrics, indent=2, sort_keys=True))
+    embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
   if hasattr(train_iter, "close"):
     train_iter.close()
   return eval_metrics

@@ -41,7 +41,7 @@ def test_invalid_field_fails_before_anything_is_built(tmp_path, field, value, ma
 def test_batch_not_divisible_by_device_count():
   config = tiny()
   config.batch_size = 100
-  with pytest.raises(common.ConfigError, match="config.batch_size: 100 is not divisible by the device count 8"):
+  with pytest.raises(common.ConfigError, match="config.batch_size: 100 is not divisible by the 8 batch shards"):
     common.validate(config, num_devices=8)
 
 
