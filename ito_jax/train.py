@@ -171,10 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.total_steps == 0:
     eval_metrics = evaluator.run(model)
   eval_metrics = {"step": config.total_steps, **eval_metrics}
-  held_out = embeddings.compute(model, evaluator.data, config.eval.batch_size)  # for plots
+  held_out = (embeddings.compute(model, evaluator.data, config.eval.batch_size)  # for plots
+              if evaluator.retrieval else None)  # image-caption pairs; a labels-only set has none
   if jax.process_index() == 0:
     (epath.Path(workdir) / "eval.json").write_text(json.dumps(eval_metrics, indent=2, sort_keys=True))
-    embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
+    if held_out is not None:
+      embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
   if hasattr(train_iter, "close"):
     train_iter.close()
   return eval_metrics

@@ -154,9 +154,18 @@ def test_labels_without_captions_get_template_captions(tmp_path):
   assert {k: (r.label, r.captions) for k, r in got.items()} == {
       '0.png': (2, [b'a photo of a emu.']), '1.png': (1, [b'a photo of a dog.']),
       '2.png': (0, [b'a photo of a cat.'])}
-  # Without a template they have no captions: validation drops them all.
+  # Without a template they stay captionless (a zero-shot evaluation set);
+  # unlabelled ones would be missing a field.
   m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'plain'),
                       class_names=['cat', 'dog', 'emu'], progress=False)
+  assert m['num_records'] == 3 and m['bad'] == {} and m['captions_per_record']['max'] == 0
+  config = h.micro_config(eval_source=str(tmp_path / 'plain'))
+  tok = tokenizer_lib.train_tokenizer(['a photo of a cat'] * 3, str(tmp_path / 'tok'), 64)
+  arrays = pipeline.eval_arrays(config, tok, 'ignored')
+  assert arrays['tokens'].shape == (3, 0, 16) and list(arrays['labels']) == [2, 1, 0]
+  (tmp_path / 'in' / 'captions.jsonl').write_text(''.join(
+      json.dumps({'image': f'{i}.png'}) + '\n' for i in range(3)))
+  m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'unlabelled'), progress=False)
   assert m['num_records'] == 0 and m['bad'] == {'missing_field': 3}
 
 
@@ -248,12 +257,22 @@ def test_eval_arrays_from_a_converted_source(converted):
 @pytest.mark.slow
 def test_train_from_every_kind_and_a_salted_source(converted, tmp_path):
   """The trainer on all three converted kinds plus the salted folder, mixed;
-  held-out evaluation on a converted set: it trains, and metrics.jsonl counts
-  every bad kind."""
+  held-out evaluation on a converted labels-only set: it trains, and
+  metrics.jsonl counts every bad kind."""
   out, kinds, _ = converted
+  # Held out: a labels-only set (zero-shot, no retrieval), like imagenet2012.
+  examples = h.shapes_examples(30, split='test')
+  os.makedirs(tmp_path / 'labels_only')
+  rows = []
+  for ex in examples:
+    (tmp_path / 'labels_only' / f'{ex["id"]}.png').write_bytes(ex['image'])
+    rows.append(json.dumps({'image': f'{ex["id"]}.png', 'label': ex['label']}) + '\n')
+  (tmp_path / 'labels_only' / 'captions.jsonl').write_text(''.join(rows))
+  convert.convert('folder', str(tmp_path / 'labels_only'), str(tmp_path / 'eval'),
+                  class_names=list(synthetic.CLASS_NAMES), progress=False)
   config = h.micro_config(
       sources=(str(out / 'folder'), str(out / 'tar'), str(out / 'tfds'), str(out / 'salted')),
-      eval_source=str(out / 'eval'), max_bad_fraction=0.5, bad_check_min_records=10)
+      eval_source=str(tmp_path / 'eval'), max_bad_fraction=0.5, bad_check_min_records=10)
   config.total_steps = 16
   config.log_every_steps = 8
   config.eval_every_steps = 16
@@ -266,4 +285,5 @@ def test_train_from_every_kind_and_a_salted_source(converted, tmp_path):
   for kind in set(kinds.values()) - {'good'}:
     assert last[f'data/bad/{kind}'] >= 1, kind
   assert last['data/records_read'] - last['data/bad/total'] == 16 * 8
-  assert 0 <= result['zeroshot/accuracy'] <= 1 and 0 <= result['retrieval/i2t_r1'] <= 1
+  assert 0 <= result['zeroshot/accuracy'] <= 1 and result['zeroshot/chance'] == 1 / 30
+  assert not any(k.startswith('retrieval/') for k in result)  # no captions, no retrieval

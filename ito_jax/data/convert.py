@@ -30,7 +30,8 @@ rerun skips shards with a marker, so an interrupted conversion resumes. The
 manifest is written last, so its presence means the conversion is complete.
 
 With --validate (default) every record is decoded with the same checks
-training applies (`records.parse`); bad ones are counted and left out, repaired
+training applies (`records.parse`, captions optional for labelled records,
+which evaluation can use); bad ones are counted and left out, repaired
 ones (e.g. CMYK) are kept as they are and repaired again when read. Without
 it records are copied as they are, and training skips and counts the bad ones.
 """
@@ -290,7 +291,9 @@ def write_shard(source, task, path: str, class_names: list[str], options: Option
         raw.captions = [options.caption_template.format(class_names[raw.label]).encode()]
       if options.validate:
         try:
-          example = records.parse(raw, limits)
+          # A labelled record without captions stays: zero-shot evaluation needs
+          # no more (training skips it as missing_field).
+          example = records.parse(raw, limits, require_captions=raw.label is None)
         except records.BadRecord as e:
           bad[e.kind] += 1
           if len(examples[e.kind]) < EXAMPLES_KEPT:
