@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- data -----------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
-  d.dataset = "ito_shapes"  # the embedded synthetic captioned-shapes data set.
+  d.dataset = "ito_shapes"  # the embedded synthetic captioned-shapes data set (when sources are empty).
   d.data_dir = ""  # where the TFDS data set is built/read; "" means WORKDIR/data.
   d.seed = 0  # seeds data set generation (independent of the training seed).
   d.num_train = 8000  # training examples generated.
@@ -110,6 +110,18 @@ def base_config() -> ml_collections.ConfigDict:
   d.crop_scale = (0.7, 1.0)  # random-resized-crop area range.
   d.flip = False  # horizontal flip; off because captions name left and right.
   d.word_dropout = 0.1  # word dropout for augmented text views.
+  # Converted sources (`python -m ito_jax.data.convert`): when set, training reads
+  # these instead of `dataset`, mixed by weight. Entries: "DIR" (weight 1) or
+  # ("DIR", weight), e.g. (("/data/cc3m", 3.0), ("/data/coco", 1.0)).
+  d.sources = ()
+  d.eval_source = ""  # converted DIR for held-out evaluation; "" means `dataset`'s eval.split.
+  # Bad records (corrupt/truncated/non-image/huge images, empty/non-UTF-8/overlong
+  # captions, missing fields) are skipped and counted (metrics data/bad/<kind>);
+  # more than this fraction of a source's records being bad is an error naming it.
+  d.max_bad_fraction = 0.1
+  d.bad_check_min_records = 1000  # records read from a source before max_bad_fraction applies.
+  d.max_image_pixels = 50_000_000  # images with more pixels (by header) are skipped unread.
+  d.max_caption_chars = 1000  # longer captions are dropped (a record needs one caption left).
 
   # ---- devices --------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -250,6 +262,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   lo, hi = d.crop_scale
   _require(0 < lo <= hi <= 1, "data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
   _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  for i, entry in enumerate(d.sources):
+    ok = isinstance(entry, str) or (
+        isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+        and isinstance(entry[1], (int, float)) and entry[1] > 0)
+    _require(ok and bool(entry if isinstance(entry, str) else entry[0]), f"data.sources[{i}]",
+             f"expected 'DIR' or ('DIR', weight > 0), got {entry!r}")
+  _require(isinstance(d.eval_source, str), "data.eval_source", f"must be a path string, got {d.eval_source!r}")
+  _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction",
+           f"must be in [0, 1) (a source of only bad records can never fill a batch), got {d.max_bad_fraction}")
+  for field in ("bad_check_min_records", "max_image_pixels", "max_caption_chars"):
+    _require(isinstance(d[field], int) and d[field] > 0, f"data.{field}",
+             f"must be a positive integer, got {d[field]!r}")
   _require(c.eval.split in ("validation", "test"), "eval.split", f"expected validation|test, got {c.eval.split!r}")
   _require(len(c.eval.templates) > 0 and all("{}" in t for t in c.eval.templates),
            "eval.templates", "need at least one template, each with a '{}' for the class name")

@@ -4,13 +4,17 @@
   python -m ito_jax.bench --config=configs/bench_s.py --steps=10
   python -m ito_jax.bench --config=configs/bench_s.py --peak_tflops=1.0   # MFU against a given peak
   python -m ito_jax.bench --config=configs/clip_vit_b16.py --config.batch_size=8 --steps=0  # compile only
+  python -m ito_jax.bench --config=configs/tiny_cpu.py --input_only   # the input pipeline
 
-Uses random inputs of the config's shapes, so it measures the step alone
-(the input pipeline has its own figures). One figure per line.
+Uses random inputs of the config's shapes, so it measures the step alone. One
+figure per line. With --input_only it times the input pipeline instead (the
+config's data, built under --workdir) with 0, 1 and 2 worker processes, next to
+the examples/s the step consumes.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import statistics
@@ -37,6 +41,11 @@ _FUSION = flags.DEFINE_bool("fusion_overhead", False,
                             "Time the step with and without the ITO fusion head (M = N = 1).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU; 0 looks the "
                            "device up in ito_jax.flops.PEAK_BF16_TFLOPS (no MFU on CPU without it).")
+_INPUT_ONLY = flags.DEFINE_bool("input_only", False, "Time the input pipeline (see the module doc).")
+_INPUT_WORKERS = flags.DEFINE_list("input_workers", ["0", "1", "2"], "input_only: worker counts.")
+_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 40, "input_only: timed batches per count.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/ito_jax_bench",
+                               "input_only: data set and tokenizer directory (reused).")
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
@@ -141,6 +150,44 @@ def fusion_overhead(config: ml_collections.ConfigDict, steps: int, rounds: int =
           "params_without_fusion": a.params, "params_with_fusion": b.params}
 
 
+def benchmark_input(config: ml_collections.ConfigDict, workdir: str, num_workers: int,
+                    batches: int = 40, warmup: int = 3) -> dict:
+  """Times `batches` batches of the training pipeline with `num_workers`
+  processes, after `warmup` untimed ones (worker start-up is reported apart)."""
+  from ito_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)
+  config.data.num_workers = num_workers
+  data_dir, tokenizer = train.prepare_inputs(config, workdir)
+  it = iter(pipeline.train_dataset(config, tokenizer, data_dir=data_dir))
+  try:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+      next(it)
+    startup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    seconds = time.perf_counter() - t0
+  finally:
+    it.close()
+  examples = batches * config.batch_size
+  return {"startup_s": startup_s, "examples_per_s": examples / seconds,
+          "images_per_s": examples * config.loss.num_image_views / seconds}
+
+
+def main_input_only(config: ml_collections.ConfigDict) -> None:
+  step = benchmark_step(config, _STEPS.value, _WARMUP.value)
+  views = config.loss.num_image_views
+  print(f"train step consumes: {step['examples_per_s']:.0f} examples/s = "
+        f"{step['examples_per_s'] * views:.0f} images/s ({views} view(s) each)")
+  for workers in map(int, _INPUT_WORKERS.value):
+    figures = benchmark_input(config, _WORKDIR.value, workers, _INPUT_BATCHES.value)
+    print(f"input pipeline, {workers} workers: {figures['images_per_s']:.0f} images/s "
+          f"({figures['examples_per_s']:.0f} examples/s, "
+          f"{figures['examples_per_s'] / step['examples_per_s']:.2f}x the step; "
+          f"first 3 batches {figures['startup_s']:.2f}s)")
+
+
 def main(argv):
   del argv
   if _CONFIG.value is None:
@@ -152,6 +199,8 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  "
         f"batch: {config.batch_size}  image: {config.model.image.image_size}/"
         f"{config.model.image.patch_size}  loss: {config.loss.name}  dtype: {config.model.dtype}")
+  if _INPUT_ONLY.value:
+    return main_input_only(config)
   if _FUSION.value:
     figures = fusion_overhead(config, _STEPS.value)
   else:

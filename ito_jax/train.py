@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from configs import common
 from ito_jax import checkpoint, export, objective, sharding
-from ito_jax.data import pipeline, synthetic
+from ito_jax.data import pipeline
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
 from ito_jax.evaluate.evaluator import Evaluator
@@ -118,12 +118,11 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
         f"config.data.data_dir: must name a local directory when the workdir is remote "
         f"({workdir}); the data set is built and read on local disk")
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
-  builder = pipeline.builder_for(config, data_dir)
   tok_path = os.path.join(workdir, "tokenizer.model")
   if epath.Path(tok_path).exists():
     return data_dir, tokenizer_lib.Tokenizer.load(tok_path)
   return data_dir, tokenizer_lib.train_tokenizer(
-      synthetic.train_captions(builder), tok_path, config.model.text.vocab_size)
+      pipeline.tokenizer_texts(config, data_dir), tok_path, config.model.text.vocab_size)
 
 
 # =============================================================================
@@ -191,6 +190,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       metrics["learning_rate"] = schedule(step - 1)
       metrics["examples_per_sec"] = steps_since_log * config.batch_size / elapsed
       metrics["steps_per_sec"] = steps_since_log / elapsed
+      metrics.update(pipeline.data_metrics(train_iter))  # bad records skipped, by kind
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
       t_last, steps_since_log = time.perf_counter(), 0
@@ -219,10 +219,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not eval_metrics:  # no evaluation ran in this process (0 steps, or resumed at the end)
     eval_metrics = evaluator.run(model)
   eval_metrics = {"step": config.total_steps, **eval_metrics}
-  held_out = embeddings.compute(model, evaluator.data, config.eval.batch_size)  # for plots
+  held_out = (embeddings.compute(model, evaluator.data, config.eval.batch_size)  # for plots
+              if evaluator.retrieval else None)  # image-caption pairs; a labels-only set has none
   if jax.process_index() == 0:
     (epath.Path(workdir) / "eval.json").write_text(json.dumps(eval_metrics, indent=2, sort_keys=True))
-    embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
+    if held_out is not None:
+      embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
   export.export_model(model, config, os.path.join(workdir, "tokenizer.model"),
                       os.path.join(workdir, "export"), step=config.total_steps)
   if hasattr(train_iter, "close"):
