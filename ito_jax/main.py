@@ -1,7 +1,6 @@
 """Command-line entry point.
 
   python -m ito_jax.main --config=configs/tiny_cpu.py --workdir=DIR [--config.FIELD=VALUE ...]
-  python -m ito_jax.main evaluate --workdir=DIR
   python -m ito_jax.main export --workdir=DIR   # encoder-only DIR/export from the latest checkpoint
 
 Training resumes from DIR/checkpoints when it holds any; SIGTERM saves a
