@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ito_jax import sharding
+from ito_jax.losses.sharded import SIGMOID_VARIANTS
 from ito_jax.losses import ot as ot_lib
 from ito_jax.models.text import TEXT_SIZES
 from ito_jax.models.vit import parse_variant
@@ -25,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50  # a metrics.jsonl line every this many steps (> 0).
   c.eval_every_steps = 500  # held-out evaluation every this many steps, and at the end (> 0).
   c.batch_size = 128  # global batch (samples, each with M image and N text views).
+  c.checkpoint_every_steps = 500  # async orbax save to WORKDIR/checkpoints every this many steps (> 0).
+  c.keep_checkpoints = 3  # most recent checkpoints kept on disk (>= 1).
 
   # ---- model ----------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -34,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = False  # stack blocks and nnx.scan over them (flat compile time in depth).
   m.remat = "none"  # activation rematerialisation per block: none | full | dots.
   m.attention = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn; or einsum.
+  # Donate the old train state's buffers to the step (jit donate_argnums), so
+  # parameters and optimizer state are updated in place: saves one copy of the
+  # state in memory. False only to measure it (benchmarks/RESULTS.md).
+  m.donate = True
   m.temperature_init = 10.0  # initial logit scale exp(t) (CLIP uses 1/0.07, SigLIP 10).
   m.bias_init = -10.0  # initial logit bias b; read by the sigmoid loss only.
   m.image = ml_collections.ConfigDict()
@@ -66,6 +74,20 @@ def base_config() -> ml_collections.ConfigDict:
   l.num_text_views = 1  # N: caption views per sample.
   l.itm_weight = 0.0  # weight of the fusion head's image-text matching loss.
   l.anchor_weight = 0.0  # weight of the fusion head's fused-anchor alignment loss.
+  # Within the anchor loss: weight of mean(1 - cos) pulling each embedding onto
+  # its anchor (InfoNCE alone is blind to a constant image-text offset).
+  l.anchor_pull_weight = 1.0
+  # Batch-level terms (alignment, saturation, ITM mining, anchor) score each batch
+  # shard's rows against all-gathered columns under shard_map, so no device holds a
+  # global [B, B] (ito_jax/losses/sharded.py). False: the same math on global arrays,
+  # laid out by GSPMD.
+  l.sharded = True
+  l.sigmoid_variant = "gather"  # sigmoid only: gather ([b, B] logits per device) | ring
+  #   (text chunks passed round the batch shards with ppermute, [b, b] per device; needs sharded).
+  # ITM hard negatives are mined among consecutive pools of this many samples (>= 2)
+  # and never cross a batch shard; 0: the whole shard (B / (mesh.data * mesh.fsdp)
+  # samples when sharded, else the whole batch). Set it to compare runs on different meshes.
+  l.itm_negative_pool = 0
   l.ot_weight = 0.0  # λ_ot: weight of the OT regularizer R_ot (c.ot); 0 turns it off (contrastive only).
 
   # ---- OT regularizer R_ot (DESIGN.md "R_ot"; ito_jax/losses/ot.py) ----------
@@ -116,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- data -----------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
-  d.dataset = "ito_shapes"  # the embedded synthetic captioned-shapes data set.
+  d.dataset = "ito_shapes"  # the embedded synthetic captioned-shapes data set (when sources are empty).
   d.data_dir = ""  # where the TFDS data set is built/read; "" means WORKDIR/data.
   d.seed = 0  # seeds data set generation (independent of the training seed).
   d.num_train = 8000  # training examples generated.
@@ -125,6 +147,18 @@ def base_config() -> ml_collections.ConfigDict:
   d.crop_scale = (0.7, 1.0)  # random-resized-crop area range.
   d.flip = False  # horizontal flip; off because captions name left and right.
   d.word_dropout = 0.1  # word dropout for augmented text views.
+  # Converted sources (`python -m ito_jax.data.convert`): when set, training reads
+  # these instead of `dataset`, mixed by weight. Entries: "DIR" (weight 1) or
+  # ("DIR", weight), e.g. (("/data/cc3m", 3.0), ("/data/coco", 1.0)).
+  d.sources = ()
+  d.eval_source = ""  # converted DIR for held-out evaluation; "" means `dataset`'s eval.split.
+  # Bad records (corrupt/truncated/non-image/huge images, empty/non-UTF-8/overlong
+  # captions, missing fields) are skipped and counted (metrics data/bad/<kind>);
+  # more than this fraction of a source's records being bad is an error naming it.
+  d.max_bad_fraction = 0.1
+  d.bad_check_min_records = 1000  # records read from a source before max_bad_fraction applies.
+  d.max_image_pixels = 50_000_000  # images with more pixels (by header) are skipped unread.
+  d.max_caption_chars = 1000  # longer captions are dropped (a record needs one caption left).
 
   # ---- devices --------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -180,21 +214,51 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   for field in ("total_steps",):
     _require(isinstance(c[field], int) and c[field] >= 0, field,
              f"must be a non-negative integer, got {c[field]!r}")
-  for field in ("log_every_steps", "eval_every_steps", "batch_size"):
+  for field in ("log_every_steps", "eval_every_steps", "batch_size", "checkpoint_every_steps",
+                "keep_checkpoints"):
     _require(isinstance(c[field], int) and c[field] > 0, field,
              f"must be a positive integer, got {c[field]!r}")
-  _require(c.batch_size % num_devices == 0, "batch_size",
-           f"{c.batch_size} is not divisible by the device count {num_devices}")
+  try:
+    data, fsdp, tensor = sharding.mesh_shape(c, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for rule in c.logical_axis_rules:
+    _require(len(rule) == 2 and isinstance(rule[0], str), "logical_axis_rules",
+             f"each rule is (logical_name, mesh_axes), got {rule!r}")
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    _require(all(a is None or a in sharding.MESH_AXES for a in axes), "logical_axis_rules",
+             f"rule {tuple(rule)!r} names a mesh axis outside {sharding.MESH_AXES}")
+  batch_shards = data * fsdp
+  _require(c.batch_size % batch_shards == 0, "batch_size",
+           f"{c.batch_size} is not divisible by the {batch_shards} batch shards "
+           f"(config.mesh.data x config.mesh.fsdp = {data} x {fsdp} on {num_devices} devices)")
   _require(c.batch_size % num_processes == 0, "batch_size",
            f"{c.batch_size} is not divisible by the process count {num_processes}")
   _require(c.loss.name in LOSSES, "loss.name", f"unknown loss {c.loss.name!r}; expected one of {LOSSES}")
   for field in ("num_image_views", "num_text_views"):
     _require(isinstance(c.loss[field], int) and c.loss[field] >= 1, f"loss.{field}",
              f"must be an integer >= 1, got {c.loss[field]!r}")
+  _require(c.loss.anchor_pull_weight >= 0, "loss.anchor_pull_weight",
+           f"must be >= 0, got {c.loss.anchor_pull_weight}")
   for field in ("itm_weight", "anchor_weight"):
     _require(c.loss[field] >= 0, f"loss.{field}", f"must be >= 0, got {c.loss[field]}")
     _require(c.loss[field] == 0 or c.model.fusion.enabled, f"loss.{field}",
              "is non-zero but model.fusion.enabled is False")
+  _require(isinstance(c.loss.sharded, bool), "loss.sharded", f"must be a bool, got {c.loss.sharded!r}")
+  _require(c.loss.sigmoid_variant in SIGMOID_VARIANTS, "loss.sigmoid_variant",
+           f"expected one of {SIGMOID_VARIANTS}, got {c.loss.sigmoid_variant!r}")
+  _require(c.loss.sigmoid_variant != "ring" or c.loss.sharded, "loss.sigmoid_variant",
+           "'ring' passes text chunks between batch shards and needs loss.sharded = True")
+  pool = c.loss.itm_negative_pool
+  shard_batch = c.batch_size // batch_shards if c.loss.sharded else c.batch_size
+  _require(isinstance(pool, int) and (pool == 0 or pool >= 2), "loss.itm_negative_pool",
+           f"must be 0 (the whole batch shard) or an integer >= 2, got {pool!r}")
+  if c.loss.itm_weight:
+    _require(shard_batch % (pool or shard_batch) == 0 and (pool or shard_batch) >= 2,
+             "loss.itm_negative_pool",
+             f"ITM negatives are mined within pools of {pool or shard_batch} samples, which must "
+             f"be >= 2 and divide the {shard_batch} samples of each batch shard "
+             f"(batch_size / (mesh.data x mesh.fsdp), with loss.sharded)")
 
   m = c.model
   _require(m.dtype in DTYPES, "model.dtype", f"expected one of {DTYPES}, got {m.dtype!r}")
@@ -202,6 +266,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(m.remat in ("none", "full", "dots"), "model.remat", f"expected none|full|dots, got {m.remat!r}")
   _require(m.attention in ("xla", "cudnn", "einsum"), "model.attention",
            f"expected xla|cudnn|einsum, got {m.attention!r}")
+  _require(isinstance(m.donate, bool), "model.donate", f"must be True or False, got {m.donate!r}")
   _require(m.embed_dim > 0, "model.embed_dim", f"must be positive, got {m.embed_dim}")
   _require(m.temperature_init > 0, "model.temperature_init", f"must be positive, got {m.temperature_init}")
   towers = [("model.image", m.image), ("model.text", m.text)]
@@ -234,6 +299,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   lo, hi = d.crop_scale
   _require(0 < lo <= hi <= 1, "data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
   _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  for i, entry in enumerate(d.sources):
+    ok = isinstance(entry, str) or (
+        isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+        and isinstance(entry[1], (int, float)) and entry[1] > 0)
+    _require(ok and bool(entry if isinstance(entry, str) else entry[0]), f"data.sources[{i}]",
+             f"expected 'DIR' or ('DIR', weight > 0), got {entry!r}")
+  _require(isinstance(d.eval_source, str), "data.eval_source", f"must be a path string, got {d.eval_source!r}")
+  _require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction",
+           f"must be in [0, 1) (a source of only bad records can never fill a batch), got {d.max_bad_fraction}")
+  for field in ("bad_check_min_records", "max_image_pixels", "max_caption_chars"):
+    _require(isinstance(d[field], int) and d[field] > 0, f"data.{field}",
+             f"must be a positive integer, got {d[field]!r}")
   _validate_ot_and_partial(c, num_devices, num_processes)
   _require(c.eval.split in ("validation", "test"), "eval.split", f"expected validation|test, got {c.eval.split!r}")
   _require(len(c.eval.templates) > 0 and all("{}" in t for t in c.eval.templates),

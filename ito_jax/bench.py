@@ -2,14 +2,21 @@
 
   python -m ito_jax.bench --config=configs/tiny_cpu.py
   python -m ito_jax.bench --config=configs/bench_s.py --steps=10
+  python -m ito_jax.bench --config=configs/bench_s.py --peak_tflops=1.0   # MFU against a given peak
+  python -m ito_jax.bench --config=configs/clip_vit_b16.py --config.batch_size=8 --steps=0  # compile only
+  python -m ito_jax.bench --config=configs/tiny_cpu.py --input_only   # the input pipeline
   python -m ito_jax.bench --config=configs/bench_s.py --ot   # + R_ot alone, both variants
 
-Uses random inputs of the config's shapes, so it measures the step alone
-(the input pipeline has its own figures). One figure per line.
+Uses random inputs of the config's shapes, so it measures the step alone. One
+figure per line. With --input_only it times the input pipeline instead (the
+config's data, built under --workdir) with 0, 1 and 2 worker processes, next to
+the examples/s the step consumes.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import resource
 import statistics
 import time
@@ -23,14 +30,26 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import common
-from ito_jax import sharding, train
+from ito_jax import flops, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices", 0, "Simulate this many CPU devices (XLA's host platform device count); "
+    "0 keeps the platform's devices. The mesh is config.mesh over all of them.")
+_FUSION = flags.DEFINE_bool("fusion_overhead", False,
+                            "Time the step with and without the ITO fusion head (M = N = 1).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for MFU; 0 looks the "
+                           "device up in ito_jax.flops.PEAK_BF16_TFLOPS (no MFU on CPU without it).")
 _OT = flags.DEFINE_bool("ot", False, "Also time R_ot's value and gradient (config.ot, loop and "
                         "barycenter) on two [n, embed_dim] measures per --ot_batch_sizes.")
 _OT_BATCH_SIZES = flags.DEFINE_list("ot_batch_sizes", ["256", "1024"], "Global batches n for --ot.")
+_INPUT_ONLY = flags.DEFINE_bool("input_only", False, "Time the input pipeline (see the module doc).")
+_INPUT_WORKERS = flags.DEFINE_list("input_workers", ["0", "1", "2"], "input_only: worker counts.")
+_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 40, "input_only: timed batches per count.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/ito_jax_bench",
+                               "input_only: data set and tokenizer directory (reused).")
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
@@ -52,44 +71,117 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
   return batch
 
 
-def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2) -> dict:
-  """Compiles and times the train step; returns the figures as a dict."""
-  common.validate(config, jax.device_count(), jax.process_count())
-  mesh = sharding.make_mesh(config)
-  model, optimizer = train.create_model_and_optimizer(config, mesh)
-  graphdef, state = nnx.split((model, optimizer))
-  step_fn = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, config)
-  batch = sharding.put_batch(random_batch(config), mesh)
+class CompiledStep:
+  """A compiled train step with its state and a fixed batch, ready to time."""
 
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
+  def __init__(self, config: ml_collections.ConfigDict):
+    common.validate(config, jax.device_count(), jax.process_count())
+    self.config = config
+    mesh = sharding.make_mesh(config)
+    model, optimizer = train.create_model_and_optimizer(config, mesh)
+    graphdef, self.state = nnx.split((model, optimizer))
+    step_fn = train.make_train_step(graphdef, sharding.state_shardings(self.state), mesh, config)
+    self.batch = sharding.put_batch(random_batch(config), mesh)
+    self.params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+    self.compiled = step_fn.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
 
-  figures = {
-      "compile_s": compile_s,
-      "step_s_median": statistics.median(times),
-      "examples_per_s": config.batch_size / statistics.median(times),
-      "params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
+  def run(self, steps: int) -> list[float]:
+    """Runs `steps` steps, returning each one's wall time."""
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      self.state, metrics = self.compiled(self.state, self.batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+    return times
+
+
+def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
+                   peak_tflops: float = 0.0) -> dict:
+  """Compiles and times the train step; returns the figures as a dict.
+  steps=0 compiles only (compile time, compiled memory and FLOPs)."""
+  step = CompiledStep(config)
+  figures = {"devices": jax.device_count(), **compile_figures(config, step)}
+  if steps == 0:
+    return figures
+  step.run(warmup)
+  median = statistics.median(step.run(steps))
+  figures.update({
+      "step_s_median": median,
+      "examples_per_s": config.batch_size / median,
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-  }
-  memory = compiled.memory_analysis()
-  if memory is not None:
+  })
+  cost = step.compiled.cost_analysis()
+  xla_flops = cost["flops"] if cost and "flops" in cost else None
+  figures.update(flops.mfu_figures(config, median, jax.devices()[0].device_kind, jax.device_count(),
+                                   xla_flops, peak_tflops or None))
+  return figures
+
+
+def compile_figures(config: ml_collections.ConfigDict, step: CompiledStep) -> dict:
+  """Figures of a compiled step that need no run: compile time, memory, FLOPs."""
+  figures = {"compile_s": step.compile_s, "params": step.params,
+             "model_flops_per_example": flops.train_flops_per_example(config)}
+  memory = step.compiled.memory_analysis()
+  if memory is not None:  # per device
     figures["compiled_temp_mib"] = memory.temp_size_in_bytes / 2**20
     figures["compiled_argument_mib"] = memory.argument_size_in_bytes / 2**20
-  cost = compiled.cost_analysis()
+  cost = step.compiled.cost_analysis()
   if cost and "flops" in cost:
-    figures["xla_flops_per_step"] = cost["flops"]
-    figures["achieved_tflops"] = cost["flops"] / statistics.median(times) / 1e12
+    # cost_analysis describes one device's program.
+    figures["xla_flops_per_example"] = cost["flops"] * jax.device_count() / config.batch_size
+    if config.model.scan_layers:
+      figures["xla_flops_note"] = flops.SCAN_NOTE
+  figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return figures
+
+
+def fusion_overhead(config: ml_collections.ConfigDict, steps: int, rounds: int = 5) -> dict:
+  """Step time with the fusion head and its two losses vs without, same towers,
+  M = N = 1. The two steps alternate over `rounds` so machine noise hits both."""
+  plain = ml_collections.ConfigDict(config.to_dict())
+  plain.model.fusion.enabled = False
+  plain.loss.update(num_image_views=1, num_text_views=1, itm_weight=0.0, anchor_weight=0.0)
+  fused = ml_collections.ConfigDict(plain.to_dict())
+  fused.model.fusion.enabled = True
+  fused.loss.update(itm_weight=1.0, anchor_weight=1.0)
+  a, b = CompiledStep(plain), CompiledStep(fused)
+  a.run(2), b.run(2)
+  times_a, times_b = [], []
+  for _ in range(rounds):
+    times_a += a.run(steps)
+    times_b += b.run(steps)
+  ta, tb = statistics.median(times_a), statistics.median(times_b)
+  return {"step_s_without_fusion": ta, "step_s_with_fusion": tb,
+          "fusion_overhead_pct": 100 * (tb / ta - 1),
+          "params_without_fusion": a.params, "params_with_fusion": b.params}
+
+
+def benchmark_input(config: ml_collections.ConfigDict, workdir: str, num_workers: int,
+                    batches: int = 40, warmup: int = 3) -> dict:
+  """Times `batches` batches of the training pipeline with `num_workers`
+  processes, after `warmup` untimed ones (worker start-up is reported apart)."""
+  from ito_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)
+  config.data.num_workers = num_workers
+  data_dir, tokenizer = train.prepare_inputs(config, workdir)
+  it = iter(pipeline.train_dataset(config, tokenizer, data_dir=data_dir))
+  try:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+      next(it)
+    startup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    seconds = time.perf_counter() - t0
+  finally:
+    it.close()
+  examples = batches * config.batch_size
+  return {"startup_s": startup_s, "examples_per_s": examples / seconds,
+          "images_per_s": examples * config.loss.num_image_views / seconds}
 
 
 def benchmark_regularizer(config: ml_collections.ConfigDict, batch_size: int, variant: str,
@@ -115,18 +207,39 @@ def benchmark_regularizer(config: ml_collections.ConfigDict, batch_size: int, va
   return statistics.median(times)
 
 
+def main_input_only(config: ml_collections.ConfigDict) -> None:
+  step = benchmark_step(config, _STEPS.value, _WARMUP.value)
+  views = config.loss.num_image_views
+  print(f"train step consumes: {step['examples_per_s']:.0f} examples/s = "
+        f"{step['examples_per_s'] * views:.0f} images/s ({views} view(s) each)")
+  for workers in map(int, _INPUT_WORKERS.value):
+    figures = benchmark_input(config, _WORKDIR.value, workers, _INPUT_BATCHES.value)
+    print(f"input pipeline, {workers} workers: {figures['images_per_s']:.0f} images/s "
+          f"({figures['examples_per_s']:.0f} examples/s, "
+          f"{figures['examples_per_s'] / step['examples_per_s']:.2f}x the step; "
+          f"first 3 batches {figures['startup_s']:.2f}s)")
+
+
 def main(argv):
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config is required")
+  if _HOST_DEVICES.value:  # read when the backend starts, which is below
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
   config = _CONFIG.value
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  "
         f"batch: {config.batch_size}  image: {config.model.image.image_size}/"
         f"{config.model.image.patch_size}  loss: {config.loss.name}  dtype: {config.model.dtype}")
-  figures = benchmark_step(config, _STEPS.value, _WARMUP.value)
+  if _INPUT_ONLY.value:
+    return main_input_only(config)
+  if _FUSION.value:
+    figures = fusion_overhead(config, _STEPS.value)
+  else:
+    figures = benchmark_step(config, _STEPS.value, _WARMUP.value, _PEAK.value)
   for name, value in figures.items():
     print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
-  if _OT.value:
+  if _OT.value and "step_s_median" in figures:
     o = config.ot
     print(f"R_ot: cost={o.cost} eps={o.epsilon} iterations={o.num_iterations} gamma={o.gamma} "
           f"barycenter_iterations={o.barycenter_iterations} dim={config.model.embed_dim}, "

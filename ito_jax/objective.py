@@ -2,18 +2,28 @@
 
 One function for every experiment: CLIP, SigLIP, ITO and the OT variants are
 selected by config, never by forking the trainer.
+
+The towers and the fusion head run under GSPMD (parameters sharded by their
+logical axes, the batch over ('data', 'fsdp')). The terms that compare every
+sample with every other one come from `ito_jax.losses.sharded`, written per
+batch shard: with a mesh and `config.loss.sharded` they run under shard_map
+(local rows against gathered columns, no [B, B] on any device); without a
+mesh they run on the whole batch as a single shard.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import NamedSharding
 
 from ito_jax import objective_ot
-from ito_jax.evaluate import gap
-from ito_jax.losses import contrastive
 from ito_jax.losses import fusion as fusion_losses
+from ito_jax.losses import sharded
+from ito_jax.losses.sharded import BATCH, REPLICATED
 from ito_jax.models.ito import ItoModel
 
 
@@ -37,39 +47,79 @@ def embed_batch(model: ItoModel, batch: dict):
   )
 
 
-def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict, *, step=None):
+def itm_through_head(head, out: dict, negatives):
+  """ITM on the true pairs and the mined negatives, and the true pairs' fused
+  vectors (reused by the anchor loss).
+
+  The three pairs of sample i are stacked on a new axis ([B, 3, ...]) rather
+  than concatenated along the batch, so a batch-sharded input stays sharded
+  the same way through the head: (image i, text i) label 1, (image i, its
+  hardest text) and (its text's hardest image, text i) label 0."""
+  neg_text_tokens, neg_text_mask, neg_image_tokens = negatives
+  text_tokens, text_mask, image_tokens = out["text_tokens"], out["text_mask"], out["image_tokens"]
+  texts = jnp.stack([text_tokens, neg_text_tokens, text_tokens], axis=1)  # [B, 3, T, Dt]
+  masks = jnp.stack([text_mask, neg_text_mask, text_mask], axis=1)  # [B, 3, T]
+  images = jnp.stack([image_tokens, image_tokens, neg_image_tokens], axis=1)  # [B, 3, P, Dv]
+  pairs = lambda x: x.reshape(-1, *x.shape[2:])  # [B*3, ...]
+  b = text_tokens.shape[0]
+  fused = head(pairs(texts), pairs(masks), pairs(images)).reshape(b, 3, -1)  # [B, 3, W]
+  logits = head.match_logit(fused)  # [B, 3]
+  loss, aux = fusion_losses.itm_loss_from_logits(logits[:, 0], logits[:, 1:].reshape(-1))
+  return loss, aux, fused[:, 0]
+
+
+def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict, mesh=None, *,
+                 step=None):
   """Returns (loss, metrics) for one batch; metrics are scalars for logging.
 
+  mesh: the device mesh the batch is split over ('data' x 'fsdp'); None runs
+  every term on the whole batch (a single shard).
   step: optimizer steps taken so far (traced); gates R_ot at ot.start_step."""
+  l = config.loss
   out = embed_batch(model, batch)
+  if mesh is not None:  # the towers' outputs stay split by sample, whatever GSPMD prefers inside
+    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, BATCH))
+  shard_mesh = mesh if l.sharded else None
+  on_shards = functools.partial(sharded.on_batch_shards, mesh=shard_mesh)
   scale, bias = model.logit_scale, model.logit_bias[...]
-  align = contrastive.alignment_loss(config.loss.name, out["image_emb"], out["text_emb"], scale, bias)
+  image0, text0 = out["image_emb"][:, 0], out["text_emb"][:, 0]  # [B, E] view 0
+
+  align = on_shards(functools.partial(sharded.alignment, l.name, l.sigmoid_variant),
+                    in_specs=(BATCH, BATCH, REPLICATED, REPLICATED), out_specs=REPLICATED)(
+                        out["image_emb"], out["text_emb"], scale, bias)
   loss = align
   metrics = {"loss/align": align}
-
-  view0_logits = scale * out["image_emb"][:, 0] @ out["text_emb"][:, 0].T  # [B, B]
-  metrics.update({f"saturation/{k}": v
-                  for k, v in gap.saturation(jax.lax.stop_gradient(view0_logits)).items()})
+  saturation = on_shards(sharded.saturation, in_specs=(BATCH, BATCH, REPLICATED),
+                         out_specs=REPLICATED)(image0, text0, scale)
+  metrics.update({f"saturation/{k}": v for k, v in saturation.items()})
   centroid_gap = jnp.mean(out["image_emb"], axis=(0, 1)) - jnp.mean(out["text_emb"], axis=(0, 1))
   metrics["gap/batch_centroid_distance"] = jnp.linalg.norm(jax.lax.stop_gradient(centroid_gap))
 
-  if model.fusion_head is not None and (config.loss.itm_weight or config.loss.anchor_weight):
-    head = model.fusion_head
+  head = model.fusion_head
+  if head is not None and (l.itm_weight or l.anchor_weight):
     fused = None
-    if config.loss.itm_weight:
-      itm, itm_aux = fusion_losses.itm_loss(
-          head, out["text_tokens"], out["text_mask"], out["image_tokens"], view0_logits)
-      fused = itm_aux.pop("fused_positive")
-      loss = loss + config.loss.itm_weight * itm
+    if l.itm_weight:
+      negatives = on_shards(
+          functools.partial(sharded.itm_negatives, pool=l.itm_negative_pool),
+          in_specs=(BATCH,) * 2 + (REPLICATED,) + (BATCH,) * 3, out_specs=(BATCH,) * 3)(
+              jax.lax.stop_gradient(image0), jax.lax.stop_gradient(text0),
+              jax.lax.stop_gradient(scale), out["text_tokens"], out["text_mask"],
+              out["image_tokens"])
+      itm, itm_aux, fused = itm_through_head(head, out, negatives)
+      loss = loss + l.itm_weight * itm
       metrics["loss/itm"] = itm
       metrics.update({f"fusion/{k}": v for k, v in itm_aux.items()})
-    if config.loss.anchor_weight:
+    if l.anchor_weight:
       if fused is None:
-        fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])
-      anchor, _ = fusion_losses.anchor_loss(
-          out["image_emb"][:, 0], out["text_emb"][:, 0], head.anchor(fused), scale)
-      loss = loss + config.loss.anchor_weight * anchor
+        fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])  # [B, W]
+      anchors = head.anchor(fused)  # [B, E]
+      anchor = on_shards(sharded.anchor_alignment, in_specs=(BATCH,) * 3 + (REPLICATED,),
+                         out_specs=REPLICATED)(image0, text0, anchors, scale)
+      # A per-sample mean: GSPMD keeps it sharded, no shard_map needed.
+      pull = fusion_losses.anchor_pull(image0, text0, anchors)
+      loss = loss + l.anchor_weight * (anchor + l.anchor_pull_weight * pull)
       metrics["loss/anchor"] = anchor
+      metrics["fusion/anchor_pull"] = pull
 
   if config.loss.ot_weight:
     ot_term, ot_metrics = objective_ot.ot_loss(model, batch, out, config, step)

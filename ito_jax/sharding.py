@@ -4,6 +4,10 @@ The mesh has axes ('data', 'fsdp', 'tensor'); a size of -1 means "the rest of
 the devices". All axes are Auto so GSPMD propagates shardings from parameters
 (annotated with logical names in the model) and from the batch, which is
 split over data x fsdp.
+
+Everything that can be wrong about a mesh (its size, the batch split, a
+parameter dimension its axis does not divide) is reported here, naming the
+config field, before the model is built or anything compiles.
 """
 
 from __future__ import annotations
@@ -37,6 +41,44 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
     raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"but {num_devices} are available")
   return tuple(sizes)
+
+
+# Where a parameter's size comes from, for error messages: (tower, logical axis) -> field.
+_TOWERS = {"image_tower": "model.image", "image_proj": "model.image", "text_tower": "model.text",
+           "text_proj": "model.text", "fusion_head": "model.fusion"}
+_SIZE_FIELDS = {"embed": "width", "heads": "num_heads", "mlp": "mlp_ratio", "kv": "width/num_heads"}
+
+
+def _size_field(path, logical: str) -> str:
+  if logical == "vocab":
+    return "config.model.text.vocab_size"
+  if logical == "joint":
+    return "config.model.embed_dim"
+  tower = _TOWERS.get(str(path[0]), "model")
+  return f"config.{tower}.{_SIZE_FIELDS.get(logical, logical)}"
+
+
+def check_divisible(config: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ValueError if a parameter dimension is not divisible by the mesh
+  axes its logical name maps to, naming the parameter, the size's config
+  field and the mesh field. Works on the abstract model: nothing is allocated."""
+  from ito_jax.models.ito import ItoModel  # the model does not import this module
+
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: ItoModel(config.model, rngs=nnx.Rngs(0)))
+  rules = dict(logical_rules(config))
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    names = var.get_metadata().get("out_sharding") or ()
+    for dim, (size, logical) in enumerate(zip(var.shape, names)):
+      axes = rules.get(logical) if logical else None
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      shards = math.prod(mesh.shape[a] for a in axes)
+      if size % shards:
+        mesh_fields = " x ".join(f"config.mesh.{a}={mesh.shape[a]}" for a in axes)
+        raise ValueError(
+            f"{_size_field(path, logical)}: parameter {'/'.join(map(str, path))} has size {size} "
+            f"on dim {dim} (logical axis {logical!r}), not divisible by {mesh_fields} it is "
+            f"sharded over (config.logical_axis_rules)")
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:

@@ -12,15 +12,18 @@ import time
 import jax
 import ml_collections
 import optax
+from absl import logging
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
 from configs import common
-from ito_jax import objective, sharding
-from ito_jax.data import pipeline, synthetic
+from ito_jax import checkpoint, export, objective, sharding
+from ito_jax.data import pipeline
 from ito_jax.data import tokenizer as tokenizer_lib
+from ito_jax.evaluate import embeddings
 from ito_jax.evaluate.evaluator import Evaluator
-from ito_jax.metrics import MetricsWriter
+from ito_jax.metrics import MetricsWriter, is_remote
 from ito_jax.models.ito import ItoModel
 
 # =============================================================================
@@ -60,10 +63,25 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def create_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
   """Builds the model and its optimizer with parameters placed by their
   logical axis names on `mesh`."""
+  sharding.check_divisible(config, mesh)  # a clear error instead of a failed device_put
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(config)):
     model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
   return model, optimizer
+
+
+def abstract_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
+  """(graphdef, state) like create_model_and_optimizer's, but the state holds
+  only shapes, dtypes and shardings on `mesh`: a restore target that
+  allocates nothing."""
+
+  def init():
+    model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
+    return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+
+  sharding.check_divisible(config, mesh)
+  with nnx.logical_axis_rules(sharding.logical_rules(config)):
+    return nnx.get_abstract_model(init, mesh)
 
 
 # =============================================================================
@@ -76,7 +94,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
     model, optimizer = nnx.merge(graphdef, state)
     steps_taken = optimizer.step[...]  # gates terms that start mid-run (ot.start_step)
     (_, metrics), grads = nnx.value_and_grad(
-        lambda m: objective.compute_loss(m, batch, config, step=steps_taken), has_aux=True)(model)
+        lambda m: objective.compute_loss(m, batch, config, mesh, step=steps_taken), has_aux=True)(model)
     optimizer.update(model, grads)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["logit_scale"] = model.logit_scale
@@ -86,7 +104,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,) if config.model.donate else ())
 
 
 # =============================================================================
@@ -96,13 +114,16 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
   """Builds (once) the data set and the tokenizer the run uses; returns
   (data_dir, tokenizer). The tokenizer is trained on the training captions and
   saved in the workdir, so a resumed or exported run reads the same one."""
+  if is_remote(workdir) and not config.data.data_dir:
+    raise common.ConfigError(
+        f"config.data.data_dir: must name a local directory when the workdir is remote "
+        f"({workdir}); the data set is built and read on local disk")
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
-  builder = pipeline.builder_for(config, data_dir)
   tok_path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(tok_path):
+  if epath.Path(tok_path).exists():
     return data_dir, tokenizer_lib.Tokenizer.load(tok_path)
   return data_dir, tokenizer_lib.train_tokenizer(
-      synthetic.train_captions(builder), tok_path, config.model.text.vocab_size)
+      pipeline.tokenizer_texts(config, data_dir), tok_path, config.model.text.vocab_size)
 
 
 # =============================================================================
@@ -110,13 +131,25 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
 # =============================================================================
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains for config.total_steps, evaluates periodically, writes
-  WORKDIR/metrics.jsonl and WORKDIR/eval.json; returns the final eval metrics."""
+  WORKDIR/metrics.jsonl (+ TensorBoard events in WORKDIR/tensorboard),
+  WORKDIR/eval.json, WORKDIR/embeddings.npz (a held-out sample for plots),
+  checkpoints in WORKDIR/checkpoints and the encoder-only WORKDIR/export;
+  returns the final eval metrics. WORKDIR may be a gs:// path.
+
+  A workdir that holds checkpoints resumes from the latest one. On SIGTERM the
+  run saves a checkpoint at the next step boundary and returns
+  {"step": step, "preempted": True}."""
+  with checkpoint.PreemptionWatch() as preemption:
+    return _train_and_evaluate(config, workdir, preemption)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        preemption: checkpoint.PreemptionWatch) -> dict:
   common.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   data_dir, tokenizer = prepare_inputs(config, workdir)
   train_iter = iter(pipeline.train_dataset(
@@ -126,19 +159,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config, pipeline.eval_arrays(config, tokenizer, config.eval.split, data_dir=data_dir),
       pipeline.class_names(config, data_dir), tokenizer)
 
-  model, optimizer = create_model_and_optimizer(config, mesh)
-  graphdef, state = nnx.split((model, optimizer))
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  if ckpt.latest_step() is None:
+    model, optimizer = create_model_and_optimizer(config, mesh)
+    graphdef, state = nnx.split((model, optimizer))
+    start_step = 0
+  else:  # resume: state and data position exactly as saved, on this run's mesh
+    graphdef, state = abstract_model_and_optimizer(config, mesh)
+    state, start_step = ckpt.restore(state, train_iter)
+    model, optimizer = nnx.merge(graphdef, state)
   state_shardings = sharding.state_shardings(state)
   train_step = make_train_step(graphdef, state_shardings, mesh, config)
   schedule = learning_rate_schedule(config)
   writer = MetricsWriter(workdir)
-  start_step = 0
   writer.truncate_after(start_step)  # a rerun rewrites the steps it trains again
+  if start_step:
+    logging.warning("resuming from checkpoint step %d in %s", start_step, ckpt.directory)
 
   eval_metrics: dict = {}
   t_last, steps_since_log = time.perf_counter(), 0
-  bar = tqdm(total=config.total_steps, desc="train", unit="step", dynamic_ncols=True,
-             disable=jax.process_index() != 0)
+  bar = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
+             dynamic_ncols=True, disable=jax.process_index() != 0)
   for step in range(start_step + 1, config.total_steps + 1):
     batch = sharding.put_batch(next(train_iter), mesh)
     state, metrics = train_step(state, batch)
@@ -150,6 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics["learning_rate"] = schedule(step - 1)
       metrics["examples_per_sec"] = steps_since_log * config.batch_size / elapsed
       metrics["steps_per_sec"] = steps_since_log / elapsed
+      metrics.update(pipeline.data_metrics(train_iter))  # bad records skipped, by kind
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
       t_last, steps_since_log = time.perf_counter(), 0
@@ -158,14 +200,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_metrics = evaluator.run(model)
       writer.write(step, eval_metrics)
       t_last = time.perf_counter()  # evaluation time is not training throughput
+    ckpt.maybe_save(step, state, train_iter, mesh)
+    if preemption.reached(step, ckpt):
+      ckpt.save(step, state, train_iter, mesh)  # no-op when this step was just saved
+      ckpt.close()
+      bar.close()
+      writer.close()
+      if hasattr(train_iter, "close"):
+        train_iter.close()
+      logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume", step)
+      return {"step": step, "preempted": True}
   bar.close()
+  writer.close()
+  if config.total_steps > start_step:
+    ckpt.save(config.total_steps, state, train_iter, mesh)
+  ckpt.close()
 
-  if config.total_steps == 0:
+  nnx.update((model, optimizer), state)
+  if not eval_metrics:  # no evaluation ran in this process (0 steps, or resumed at the end)
     eval_metrics = evaluator.run(model)
   eval_metrics = {"step": config.total_steps, **eval_metrics}
+  held_out = (embeddings.compute(model, evaluator.data, config.eval.batch_size)  # for plots
+              if evaluator.retrieval else None)  # image-caption pairs; a labels-only set has none
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(eval_metrics, f, indent=2, sort_keys=True)
+    (epath.Path(workdir) / "eval.json").write_text(json.dumps(eval_metrics, indent=2, sort_keys=True))
+    if held_out is not None:
+      embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
+  export.export_model(model, config, os.path.join(workdir, "tokenizer.model"),
+                      os.path.join(workdir, "export"), step=config.total_steps)
   if hasattr(train_iter, "close"):
     train_iter.close()
   return eval_metrics

@@ -25,6 +25,8 @@ def tiny():
     ("loss.itm_weight", 1.0, "config.loss.itm_weight: is non-zero but model.fusion.enabled is False"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate"),
     ("eval.templates", ("no placeholder",), "config.eval.templates"),
+    ("checkpoint_every_steps", 0, "config.checkpoint_every_steps: must be a positive integer"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints: must be a positive integer"),
 ])
 def test_invalid_field_fails_before_anything_is_built(tmp_path, field, value, match):
   config = tiny()
@@ -41,7 +43,7 @@ def test_invalid_field_fails_before_anything_is_built(tmp_path, field, value, ma
 def test_batch_not_divisible_by_device_count():
   config = tiny()
   config.batch_size = 100
-  with pytest.raises(common.ConfigError, match="config.batch_size: 100 is not divisible by the device count 8"):
+  with pytest.raises(common.ConfigError, match="config.batch_size: 100 is not divisible by the 8 batch shards"):
     common.validate(config, num_devices=8)
 
 

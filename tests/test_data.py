@@ -28,7 +28,9 @@ def make_config(data_dir, *, batch_size=8, m=2, n=3, context_length=16, num_work
   c.loss = ml_collections.ConfigDict({'num_image_views': m, 'num_text_views': n})
   c.data = ml_collections.ConfigDict({
       'data_dir': data_dir, 'seed': 0, 'num_train': NUM_TRAIN, 'num_eval': NUM_EVAL,
-      'num_workers': num_workers, 'crop_scale': (0.6, 1.0), 'flip': False, 'word_dropout': 0.2})
+      'num_workers': num_workers, 'crop_scale': (0.6, 1.0), 'flip': False, 'word_dropout': 0.2,
+      'sources': (), 'eval_source': '', 'max_bad_fraction': 0.1, 'bad_check_min_records': 1000,
+      'max_image_pixels': 50_000_000, 'max_caption_chars': 1000})
   return c
 
 

@@ -217,6 +217,11 @@ def test_anchor_loss_matches_numpy():
   np.testing.assert_allclose(aux['anchor_image_loss'], li, rtol=1e-5)
   np.testing.assert_allclose(aux['anchor_text_loss'], lt, rtol=1e-5)
   np.testing.assert_allclose(loss, 0.5 * (li + lt), rtol=1e-5)
+  pull = 0.5 * ((1 - np.sum(img * anc, 1)).mean() + (1 - np.sum(txt * anc, 1)).mean())
+  with_pull, aux = fusion_loss.anchor_loss(
+      *(jnp.asarray(a, jnp.float32) for a in (img, txt, anc)), scale, pull_weight=2.0)
+  np.testing.assert_allclose(aux['anchor_pull'], pull, rtol=1e-5)
+  np.testing.assert_allclose(with_pull, 0.5 * (li + lt) + 2.0 * pull, rtol=1e-5)
 
 
 def test_anchor_loss_gradient_matches_finite_differences():
@@ -227,7 +232,7 @@ def test_anchor_loss_gradient_matches_finite_differences():
 
     @jax.jit
     def f(*a):
-      return fusion_loss.anchor_loss(*a)[0]
+      return fusion_loss.anchor_loss(*a, pull_weight=0.7)[0]
 
     assert f(*args).dtype == jnp.float64  # float64 in, float64 math
     grads = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(*args)

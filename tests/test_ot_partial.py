@@ -84,9 +84,9 @@ def _data_config(data_dir, **kw):
 def test_partial_pipeline_batches_come_from_their_pools(built):
   data_dir, builder, tok = built
   c = _data_config(data_dir)
-  split = partial.split_for(c, builder)
-  source = builder.as_data_source("train")
-  captions = [cap.decode() for i in split.unaligned_texts for cap in source[int(i)]["captions"]]
+  source = partial.train_source(c)
+  split = partial.split_for(c, source)
+  captions = [cap.decode() for i in split.unaligned_texts for cap in source[int(i)].captions]
   text_pool = {tok.decode(t) for t in tok.encode_batch(captions, 12)}  # as truncated to L = 12
 
   it = iter(pipeline.train_dataset(c, tok))  # dispatches on partial.enabled
@@ -113,12 +113,12 @@ def test_partial_pipeline_batches_come_from_their_pools(built):
 
 
 def test_subset_reads_the_indexed_records(built):
-  _, builder, _ = built
-  source = builder.as_data_source("train")
+  data_dir, _, _ = built
+  source = partial.train_source(_data_config(data_dir))
   sub = partial.Subset(source, np.array([5, 17, 2]))
-  ids = [sub[i]["id"] for i in range(3)]
-  assert len(sub) == 3 and ids == [source[5]["id"], source[17]["id"], source[2]["id"]]
-  assert len(set(ids)) == 3
+  ids = [sub[i].id for i in range(3)]
+  assert len(sub) == 3 and ids == [source[5].id, source[17].id, source[2].id]
+  assert len(set(ids)) == 3 and sub.name == source.name
 
 
 # ---- R_ot in the train step ----------------------------------------------------

@@ -12,8 +12,12 @@ and no pairing can leak into training. Classes in `partial.unseen_classes`
 occur only in the pools (they are never drawn as aligned), which is what the
 generalised zero-shot evaluation measures.
 
-Each step reads three independent streams, each sharded over processes and
-shuffled every epoch like `pipeline.train_dataset`, zipped into one batch:
+It works on the one configured training source (ito_shapes' train split, or
+one converted directory in `config.data.sources`; unseen classes need labels).
+Each step reads three independent streams, each sharded over processes,
+shuffled every epoch and cleared of bad records like `pipeline.train_dataset`
+(their bad-record counts are added up into the iterator's one total), zipped
+into one batch:
 
     images [B, M, H, W, 3], tokens [B, N, L], labels [B]   aligned pairs
     unaligned_images [U, H, W, 3]                          image pool
@@ -28,9 +32,8 @@ from absl import flags
 import grain
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
-from ito_jax.data import augment, pipeline
+from ito_jax.data import augment, bad_records, pipeline, records
 from ito_jax.data.tokenizer import Tokenizer
 
 _SPLIT_STREAM = 0x0A11  # keeps the split's random stream apart from other uses of data.seed
@@ -38,7 +41,7 @@ _SPLIT_STREAM = 0x0A11  # keeps the split's random stream apart from other uses 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """Sorted indices into the training split; pairwise disjoint."""
+  """Sorted indices into the training source; pairwise disjoint."""
   aligned: np.ndarray  # [round(ρ N)]
   unaligned_images: np.ndarray  # [(N - aligned) // 2]
   unaligned_texts: np.ndarray  # [(N - aligned) // 2]
@@ -65,16 +68,26 @@ def split_indices(labels: np.ndarray, aligned_fraction: float, unseen_classes, s
                unaligned_texts=np.sort(rest[half:2 * half]))
 
 
-def train_labels(builder: tfds.core.DatasetBuilder) -> np.ndarray:
-  """The label of every training sample (images are not decoded)."""
-  source = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
-  return np.array([source[i]['label'] for i in range(len(source))], np.int32)
+def train_source(config: ml_collections.ConfigDict, data_dir: str | None = None):
+  """The one training source partial mode divides (a pipeline source of RawRecords)."""
+  configured = pipeline.train_sources(config, data_dir)
+  if len(configured) != 1:
+    raise ValueError(f'config.data.sources: partial mode divides one source, got {len(configured)}')
+  return configured[0][0]
 
 
-def split_for(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> Split:
+def train_labels(source) -> np.ndarray:
+  """The label of every record, -1 where it has none (images stay encoded)."""
+  return np.array([-1 if source[i].label is None else source[i].label
+                   for i in range(len(source))], np.int32)
+
+
+def split_for(config: ml_collections.ConfigDict, source) -> Split:
   p = config.partial
-  return split_indices(train_labels(builder), p.aligned_fraction, tuple(p.unseen_classes),
-                       config.data.seed)
+  labels = train_labels(source)
+  if p.unseen_classes and (labels < 0).all():
+    raise ValueError(f'config.partial.unseen_classes: source {source.name!r} has no labels')
+  return split_indices(labels, p.aligned_fraction, tuple(p.unseen_classes), config.data.seed)
 
 
 class Subset:
@@ -82,6 +95,7 @@ class Subset:
 
   def __init__(self, source, indices: np.ndarray):
     self.source = source
+    self.name = source.name
     self.indices = np.asarray(indices, np.int64)
 
   def __len__(self) -> int:
@@ -92,49 +106,75 @@ class Subset:
 
 
 class ImageTransform(grain.transforms.RandomMap):
-  """Record -> one augmented image view [H, W, 3] (its captions are never read)."""
+  """RawRecord -> one augmented image view [H, W, 3] (its captions are never
+  used), or a bad_records.Bad marker."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, source: str):
+    self.source = source
+    self.limits = records.Limits.from_config(config.data)
     self.image_size = config.model.image.image_size
     self.crop_scale = tuple(config.data.crop_scale)
     self.flip = config.data.flip
 
-  def random_map(self, element: dict, rng: np.random.Generator) -> np.ndarray:
-    image = element['image']  # [64, 64, 3] uint8
+  def random_map(self, element: records.RawRecord, rng: np.random.Generator):
+    try:
+      if element.corrupt:
+        raise records.BadRecord('corrupt_record', element.corrupt)
+      image, repair = records.decode_image(element.image, self.limits.max_image_pixels)
+    except records.BadRecord as e:
+      return bad_records.Bad(self.source, e.kind, element.id, e.detail)
     if self.flip and rng.random() < 0.5:  # no caption to keep true here
       image = np.ascontiguousarray(image[:, ::-1])
-    return augment.image_view(image, rng, self.image_size, self.crop_scale)
+    view = augment.image_view(image, rng, self.image_size, self.crop_scale)  # [H, W, 3]
+    return {'unaligned_images': view,
+            bad_records.META_KEY: (self.source, (repair,) if repair else ())}
 
 
 class TextTransform(grain.transforms.RandomMap):
-  """Record -> the tokens [L] of one of its captions (its image is never decoded)."""
+  """RawRecord -> the tokens [L] of one of its captions (its image is never
+  decoded), or a bad_records.Bad marker."""
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, source: str):
     self.tokenizer = tokenizer
+    self.source = source
+    self.limits = records.Limits.from_config(config.data)
     self.context_length = config.model.text.context_length
     self.word_dropout = config.data.word_dropout
 
-  def random_map(self, element: dict, rng: np.random.Generator) -> np.ndarray:
-    captions = [c.decode() for c in element['captions']]
+  def random_map(self, element: records.RawRecord, rng: np.random.Generator):
+    try:
+      if element.corrupt:
+        raise records.BadRecord('corrupt_record', element.corrupt)
+      captions, dropped = records.decode_captions(element.captions, self.limits.max_caption_chars)
+    except records.BadRecord as e:
+      return bad_records.Bad(self.source, e.kind, element.id, e.detail)
     text = augment.text_views(captions, rng, 1, self.word_dropout)
-    return self.tokenizer.encode_batch(text, self.context_length)[0]
+    return {'unaligned_tokens': self.tokenizer.encode_batch(text, self.context_length)[0],
+            bad_records.META_KEY: (self.source, tuple(f'dropped_{k}' for k in dropped))}
 
 
 class MergeBatches(grain.transforms.Map):
-  """(aligned batch, image batch, token batch) -> one batch dict."""
+  """(aligned batch, image batch, token batch) -> one batch dict, with their
+  bad-record counts added up under bad_records.COUNTS_KEY."""
 
   def map(self, element):
-    aligned, images, tokens = element
-    return {**aligned, 'unaligned_images': images, 'unaligned_tokens': tokens}
+    counts = bad_records.DataCounts()
+    merged = {}
+    for part in element:
+      part = dict(part)
+      counts.merge(bad_records.DataCounts.from_dict(part.pop(bad_records.COUNTS_KEY)))
+      merged.update(part)
+    merged[bad_records.COUNTS_KEY] = counts.to_dict()
+    return merged
 
 
 def _stream(source, indices, transform, batch_size: int, seed: int, process_index: int,
-            process_count: int) -> grain.IterDataset:
+            process_count: int, limits) -> grain.IterDataset:
   ds = pipeline.shard(grain.MapDataset.source(Subset(source, indices)), process_index, process_count)
   if len(ds) == 0:
     raise ValueError(f'process {process_index}: its shard of a {len(indices)}-sample pool is empty')
   ds = ds.seed(seed).shuffle().repeat().random_map(transform)
-  return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
+  return bad_records.GoodBatches(ds.to_iter_dataset(), batch_size, *limits)
 
 
 def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
@@ -146,18 +186,17 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
   for name, size in (('batch_size', b), ('partial.unaligned_batch_size', u)):
     if size % process_count:
       raise ValueError(f'config.{name} {size} is not divisible by process_count {process_count}')
-  builder = pipeline.builder_for(config, data_dir)
-  split = split_for(config, builder)
-  decoded = builder.as_data_source('train')
-  captions_only = builder.as_data_source('train', decoders={'image': tfds.decode.SkipDecoding()})
+  source = train_source(config, data_dir)
+  split = split_for(config, source)
   seeds = np.random.SeedSequence([config.seed, process_index, _SPLIT_STREAM]).generate_state(3)
-  where = dict(process_index=process_index, process_count=process_count)
+  limits = (config.data.max_bad_fraction, config.data.bad_check_min_records)
+  where = dict(process_index=process_index, process_count=process_count, limits=limits)
   streams = [
-      _stream(decoded, split.aligned, pipeline.TrainTransform(config, tokenizer),
+      _stream(source, split.aligned, pipeline.TrainTransform(config, tokenizer, source.name),
               b // process_count, int(seeds[0]), **where),
-      _stream(decoded, split.unaligned_images, ImageTransform(config), u // process_count,
-              int(seeds[1]), **where),
-      _stream(captions_only, split.unaligned_texts, TextTransform(config, tokenizer),
+      _stream(source, split.unaligned_images, ImageTransform(config, source.name),
+              u // process_count, int(seeds[1]), **where),
+      _stream(source, split.unaligned_texts, TextTransform(config, tokenizer, source.name),
               u // process_count, int(seeds[2]), **where),
   ]
   ds = grain.experimental.ZipIterDataset(streams).map(MergeBatches())
@@ -165,4 +204,4 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
     if not flags.FLAGS.is_parsed():  # see pipeline.train_dataset
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  return ds
+  return bad_records.Accounting(ds, *limits)

@@ -11,11 +11,11 @@ bytes, and each process builds its processor lazily on first use.
 from __future__ import annotations
 
 import io
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 
@@ -29,8 +29,7 @@ class Tokenizer:
 
   @classmethod
   def load(cls, model_path: str) -> 'Tokenizer':
-    with open(model_path, 'rb') as f:
-      return cls(f.read())
+    return cls(epath.Path(model_path).read_bytes())  # local or gs://
 
   @property
   def processor(self) -> spm.SentencePieceProcessor:
@@ -94,7 +93,7 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> T
   except RuntimeError as e:
     raise ValueError(f'SentencePiece could not train a vocab of {vocab_size} on '
                      f'{len(texts)} texts: {e}') from e
-  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-  with open(model_path, 'wb') as f:
-    f.write(proto.getvalue())
+  path = epath.Path(model_path)  # local or gs://
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(proto.getvalue())
   return Tokenizer(proto.getvalue())

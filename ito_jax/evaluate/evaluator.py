@@ -36,12 +36,21 @@ def embed_in_batches(fn, model, array, batch_size: int) -> np.ndarray:
 
 
 class Evaluator:
-  """Evaluator(config, eval_data, class_names, tokenizer).run(model) -> {name: value}."""
+  """Evaluator(config, eval_data, class_names, tokenizer).run(model) -> {name: value}.
+
+  Zero-shot needs class names and a label on every example; retrieval and the
+  gap need captions (eval_data tokens [E, C, L] with C >= 1). An evaluation set
+  (a converted source) may have either; what it lacks is not reported.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, eval_data: dict, class_names, tokenizer):
     self.config = config
     self.data = eval_data
     names = list(class_names)
+    self.zeroshot = bool(names) and bool((eval_data["labels"] >= 0).all())
+    self.retrieval = eval_data["tokens"].shape[1] > 0
+    if not (self.zeroshot or self.retrieval):
+      raise ValueError("evaluation set has neither class names with labels nor captions")
     prompts = [t.format(n) for n in names for t in config.eval.templates]
     self.prompt_tokens = tokenizer.encode_batch(prompts, config.model.text.context_length)
     self.num_classes, self.num_templates = len(names), len(config.eval.templates)
@@ -52,24 +61,31 @@ class Evaluator:
     captions = self.data["tokens"]  # [E, C, L]
     e, c, length = captions.shape
     image_emb = embed_in_batches(_embed_images, model, images, bs)
-    caption_emb = embed_in_batches(_embed_texts, model, captions.reshape(e * c, length), bs)
-    prompt_emb = embed_in_batches(_embed_texts, model, self.prompt_tokens, bs)
-    return dict(image=image_emb, caption=caption_emb.reshape(e, c, -1),
-                prompt=prompt_emb.reshape(self.num_classes, self.num_templates, -1))
+    out = dict(image=image_emb)
+    if self.retrieval:
+      caption_emb = embed_in_batches(_embed_texts, model, captions.reshape(e * c, length), bs)
+      out["caption"] = caption_emb.reshape(e, c, -1)
+    if self.zeroshot:
+      prompt_emb = embed_in_batches(_embed_texts, model, self.prompt_tokens, bs)
+      out["prompt"] = prompt_emb.reshape(self.num_classes, self.num_templates, -1)
+    return out
 
   def run(self, model) -> dict:
     emb = self.embed(model)
     metrics = {}
-    metrics.update(zeroshot.accuracy(emb["image"], zeroshot.class_embeddings(emb["prompt"]),
-                                     self.data["labels"]))
-    metrics.update(retrieval.recall_at_k(emb["image"], emb["caption"]))
-    metrics.update(gap.gap_metrics(emb["image"], emb["caption"][:, 0]))
+    if self.zeroshot:
+      metrics.update(zeroshot.accuracy(emb["image"], zeroshot.class_embeddings(emb["prompt"]),
+                                       self.data["labels"]))
+    if self.retrieval:
+      metrics.update(retrieval.recall_at_k(emb["image"], emb["caption"]))
+      metrics.update(gap.gap_metrics(emb["image"], emb["caption"][:, 0]))
     unseen = tuple(self.config.partial.unseen_classes) if "partial" in self.config else ()
-    if unseen:  # generalised zero-shot: seen and unseen classes apart
+    if unseen and self.zeroshot:  # generalised zero-shot: seen and unseen classes apart
       metrics.update(zeroshot.accuracy_by_group(
           emb["image"], zeroshot.class_embeddings(emb["prompt"]), self.data["labels"], unseen))
+    if unseen and self.zeroshot and self.retrieval:  # labels valid on every example
       metrics.update(retrieval.recall_by_group(emb["image"], emb["caption"], self.data["labels"], unseen))
-    if "partial" in self.config and self.config.partial.enabled:
+    if "partial" in self.config and self.config.partial.enabled and self.zeroshot and self.retrieval:
       from configs import common  # pylint: disable=g-import-not-at-top
       metrics.update(transport.plan_class_purity(
           emb["image"], emb["caption"][:, 0], self.data["labels"], common.ot_solver_config(self.config)))

@@ -108,22 +108,38 @@ def _symmetric_info_nce(logits):
   return 0.5 * (jnp.mean(rows) + jnp.mean(cols))
 
 
-def anchor_loss(image_emb, text_emb, anchor, temperature):
+def anchor_pull(image_emb, text_emb, anchor):
+  """Mean (1 - cos) of image and of text embeddings [B, E] to their own anchor."""
+  image_emb, text_emb, anchor = (_at_least_f32(x) for x in (image_emb, text_emb, anchor))
+  return 0.5 * (jnp.mean(1.0 - jnp.sum(image_emb * anchor, axis=-1)) +
+                jnp.mean(1.0 - jnp.sum(text_emb * anchor, axis=-1)))
+
+
+def anchor_loss(image_emb, text_emb, anchor, temperature, pull_weight=0.0):
   """Both modalities contrasted against the fused anchor as a shared target.
 
   image_emb, text_emb, anchor: [B, E], already L2-normalised (dot products are
   cosines). temperature: scalar scale on the cosine logits (CLIP's exp(t)).
+
   Anchor i is the positive for image i and text i; the other anchors of the
   batch are negatives, in both directions (embedding->anchors and
   anchor->embeddings). The anchor is not stop-gradiented: the head's
   projection has to learn a target both towers can reach, and the negatives
   keep it from collapsing.
+
+  InfoNCE is invariant to a constant offset between the image and the text
+  embeddings (it only ranks similarities), so on its own it cannot close the
+  modality gap. `pull_weight` adds mean(1 - cos) of each embedding to its own
+  anchor: both modalities are drawn onto one shared point per sample, which
+  removes the offset.
   """
   anchor = _at_least_f32(anchor)
   scale = _at_least_f32(temperature)
-  image_logits = scale * (_at_least_f32(image_emb) @ anchor.T)  # [B, B]
-  text_logits = scale * (_at_least_f32(text_emb) @ anchor.T)  # [B, B]
+  image_emb, text_emb = _at_least_f32(image_emb), _at_least_f32(text_emb)
+  image_logits = scale * (image_emb @ anchor.T)  # [B, B]
+  text_logits = scale * (text_emb @ anchor.T)  # [B, B]
   image_loss = _symmetric_info_nce(image_logits)
   text_loss = _symmetric_info_nce(text_logits)
-  aux = {'anchor_image_loss': image_loss, 'anchor_text_loss': text_loss}
-  return 0.5 * (image_loss + text_loss), aux
+  pull = anchor_pull(image_emb, text_emb, anchor)
+  aux = {'anchor_image_loss': image_loss, 'anchor_text_loss': text_loss, 'anchor_pull': pull}
+  return 0.5 * (image_loss + text_loss) + pull_weight * pull, aux

@@ -54,9 +54,10 @@ class ItoModel(nnx.Module):
     # Logits are exp(log_scale) * cos + bias; log-parametrised so the scale stays positive.
     self.log_scale = nnx.Param(jnp.asarray(math.log(config.temperature_init), jnp.float32))
     self.logit_bias = nnx.Param(jnp.asarray(config.bias_init, jnp.float32))
-    self.fusion_head = None
+    # Training-only: None unless enabled; nothing on the inference path reads it.
+    self.fusion_head = nnx.data(None)
     if config.fusion.enabled:
-      from ito_jax.models.fusion import FusionHead  # training-only module
+      from ito_jax.models.fusion import FusionHead
       self.fusion_head = FusionHead(
           text_width=config.text.width, image_width=config.image.width,
           width=config.fusion.width, depth=config.fusion.depth,

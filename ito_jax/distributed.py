@@ -1,0 +1,70 @@
+"""Multi-process start-up. Call `initialize` before anything touches a JAX device.
+
+* TPU pods and GPU clusters (Slurm, Open MPI, or a launcher that sets
+  JAX_COORDINATOR_ADDRESS): `jax.distributed.initialize()` finds the
+  coordinator, process count and id itself; mode 'auto' calls it when the
+  environment shows more than one process, mode 'on' always.
+* CPU clusters (and anything else): pass the coordinator address, process
+  count and this process's id explicitly; collectives between CPU processes
+  go through gloo.
+
+After start-up every process runs the same program on its own shard of the
+data (`jax.process_index()`, `jax.process_count()`), global arrays are
+assembled from process-local data (`ito_jax.sharding.put_batch`) and only
+process 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+MODES = ("auto", "on", "off")
+
+
+def _int_env(name: str) -> int:
+  try:
+    return int(os.environ.get(name, "0"))
+  except ValueError:
+    return 0
+
+
+def multi_process_environment() -> str | None:
+  """The name of the launcher that started several processes, or None."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "Cloud TPU (multi-host)"
+  if max(_int_env("SLURM_NTASKS"), _int_env("SLURM_STEP_NUM_TASKS")) > 1 and "SLURM_PROCID" in os.environ:
+    return "Slurm"
+  if _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+    return "Open MPI"
+  return None
+
+
+def initialize(mode: str = "auto", coordinator_address: str | None = None,
+               num_processes: int | None = None, process_id: int | None = None) -> bool:
+  """Starts the multi-process runtime when needed; returns whether it did.
+
+  An explicit coordinator_address needs num_processes and process_id too,
+  and starts the runtime in any mode but 'off'."""
+  if mode not in MODES:
+    raise ValueError(f"--distributed: expected one of {MODES}, got {mode!r}")
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise ValueError("--coordinator_address, --num_processes and --process_id go together; got "
+                     f"{coordinator_address!r}, {num_processes!r}, {process_id!r}")
+  if mode == "off":
+    return False
+  if coordinator_address is not None:
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id must be in [0, --num_processes={num_processes}), got {process_id}")
+    # CPU processes exchange collectives over gloo (the default in jax 0.10; set for older ones).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+  if mode == "on" or multi_process_environment():
+    jax.distributed.initialize()
+    return True
+  return False

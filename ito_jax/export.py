@@ -1,0 +1,277 @@
+"""The encoder-only export: what serving needs and nothing else.
+
+  DIR/export/
+    manifest.json      format, version, step, every array's name/shape/dtype, templates
+    model_config.json  the `model` config section, fusion disabled (serving builds no head)
+    params.npz         image tower, text tower, projections, log_scale, logit_bias
+    tokenizer.model    the run's sentencepiece model
+
+Left out on purpose: the fusion head (training-only), the optimizer state and
+the data position. `params.npz` is a plain numpy zip read with
+`allow_pickle=False`, so loading executes no pickle and needs no devices of any
+particular count; bfloat16 arrays are stored as their uint16 bits and named
+bfloat16 in the manifest (numpy has no bfloat16 of its own).
+
+`load` checks everything before it builds anything: a missing file, an array
+whose shape or dtype differs from the manifest, or a model config whose
+parameters differ from the weights raises ExportError naming the file and the
+parameter; no half-loaded model is ever returned.
+
+  python -m ito_jax.main export --workdir=DIR   # from DIR's latest checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from configs import common
+from ito_jax.data.tokenizer import Tokenizer
+from ito_jax.models import ito
+
+FORMAT, VERSION = "ito_jax.export", 1
+MANIFEST, CONFIG, PARAMS, TOKENIZER = "manifest.json", "model_config.json", "params.npz", "tokenizer.model"
+FILES = (MANIFEST, CONFIG, PARAMS, TOKENIZER)
+
+
+class ExportError(ValueError):
+  """A bad export; the message names the file and what is wrong with it."""
+
+
+# =============================================================================
+# Parameters as a flat {name: array} map
+# =============================================================================
+def _key(entry) -> str:
+  return str(getattr(entry, "key", getattr(entry, "idx", entry)))
+
+
+def flatten(tree) -> dict:
+  """Nested dict -> {"image_tower/encoder/blocks/0/mlp/kernel": leaf, ...}."""
+  return {"/".join(_key(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def unflatten_like(abstract_tree, flat: dict):
+  """`flat` arranged in `abstract_tree`'s structure (whose key types it keeps)."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_tree)
+  return jax.tree_util.tree_unflatten(
+      treedef, [flat["/".join(_key(k) for k in path)] for path, _ in paths])
+
+
+def _to_host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # sharded across hosts
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def serving_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model section as serving builds it: the same towers, no fusion head."""
+  c = ml_collections.ConfigDict(model_config.to_dict())
+  c.fusion.enabled = False
+  c.lock()
+  return c
+
+
+def abstract_model(model_config: ml_collections.ConfigDict) -> ito.ItoModel:
+  """The model's structure without allocating it, outside any mesh: serving
+  places the arrays on one device, whatever the training mesh was."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: ito.ItoModel(model_config, rngs=nnx.Rngs(0)))
+
+
+def abstract_encoder_params(model_config: ml_collections.ConfigDict) -> dict:
+  """Pure dict of ShapeDtypeStructs: every parameter of the inference path."""
+  return nnx.to_pure_dict(nnx.state(abstract_model(model_config), ito.encoder_filter()))
+
+
+# =============================================================================
+# Writing
+# =============================================================================
+def _encode(array: np.ndarray) -> tuple[np.ndarray, str]:
+  dtype = str(array.dtype)
+  if dtype == "bfloat16":
+    return array.view(np.uint16), dtype
+  return array, dtype
+
+
+def _path(path) -> epath.Path:
+  """Local paths made absolute; gs:// and other remote paths as they are."""
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
+def write(params: dict, model_config: ml_collections.ConfigDict, tokenizer_path: str,
+          export_dir: str, *, step: int, templates=(), trained_with_fusion: bool = False) -> str:
+  """Writes an export from flat host arrays. The files go to a temporary
+  sibling directory first, which then replaces `export_dir`."""
+  export_dir = _path(export_dir)
+  tmp = export_dir.parent / f"{export_dir.name}.tmp-{os.getpid()}"
+  if tmp.exists():
+    tmp.rmtree()
+  tmp.mkdir(parents=True)
+  stored, entries = {}, {}
+  for name, array in sorted(params.items()):
+    stored[name], dtype = _encode(np.asarray(array))
+    entries[name] = {"shape": list(array.shape), "dtype": dtype}
+  with (tmp / PARAMS).open("wb") as f:
+    np.savez(f, **stored)
+  (tmp / CONFIG).write_text(serving_model_config(model_config).to_json_best_effort(indent=2))
+  (tmp / TOKENIZER).write_bytes(_path(tokenizer_path).read_bytes())
+  manifest = {"format": FORMAT, "version": VERSION, "step": int(step),
+              "param_count": int(sum(np.prod(e["shape"], dtype=np.int64) for e in entries.values())),
+              "trained_with_fusion": bool(trained_with_fusion), "templates": list(templates),
+              "files": list(FILES), "params": entries}
+  (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+  if export_dir.exists():
+    export_dir.rmtree()
+  tmp.rename(export_dir)
+  logging.info("export: %d parameters (%d arrays) written to %s",
+               manifest["param_count"], len(entries), export_dir)
+  return str(export_dir)
+
+
+def export_model(model: ito.ItoModel, config: ml_collections.ConfigDict, tokenizer_path: str,
+                 export_dir: str, *, step: int) -> str | None:
+  """Exports a live model's inference path (all processes call; process 0 writes)."""
+  params = {name: _to_host(x) for name, x in
+            flatten(nnx.to_pure_dict(nnx.state(model, ito.encoder_filter()))).items()}
+  if jax.process_index() != 0:
+    return None
+  return write(params, config.model, tokenizer_path, export_dir, step=step,
+               templates=config.eval.templates, trained_with_fusion=config.model.fusion.enabled)
+
+
+def export_checkpoint(workdir: str, export_dir: str | None = None) -> str:
+  """Exports the latest checkpoint in WORKDIR/checkpoints, reading only the
+  encoder parameters (no optimizer state, no fusion head) onto one device."""
+  from ito_jax import checkpoint  # orbax only where checkpoints are read
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first")
+  config = ckpt.saved_config(step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                        abstract_encoder_params(config.model))
+  params = ckpt.restore_params({"model": target}, step)["model"]
+  return write({k: _to_host(v) for k, v in flatten(params).items()}, config.model,
+               _path(workdir) / "tokenizer.model", export_dir or _path(workdir) / "export", step=step,
+               templates=config.eval.templates, trained_with_fusion=config.model.fusion.enabled)
+
+
+# =============================================================================
+# Loading: validate everything, then build
+# =============================================================================
+@dataclasses.dataclass
+class Export:
+  model: ito.ItoModel  # encoder-only (fusion_head is None)
+  model_config: ml_collections.ConfigDict
+  tokenizer: Tokenizer
+  manifest: dict
+
+
+def _fail(export_dir, file: str, message: str):
+  raise ExportError(f"bad export {export_dir}: {file}: {message}")
+
+
+def _read_model_config(export_dir: epath.Path) -> ml_collections.ConfigDict:
+  try:
+    saved = json.loads((export_dir / CONFIG).read_text())
+  except (OSError, ValueError) as e:
+    _fail(export_dir, CONFIG, f"unreadable JSON ({e})")
+  config = common.base_config()
+  try:
+    config.model.update(saved)
+  except (AttributeError, KeyError, TypeError) as e:
+    _fail(export_dir, CONFIG, f"unknown or mistyped field ({e})")
+  try:
+    common.validate(config)
+  except common.ConfigError as e:
+    _fail(export_dir, CONFIG, str(e))
+  if config.model.fusion.enabled:
+    _fail(export_dir, CONFIG, "model.fusion.enabled is true; exports hold no fusion head")
+  return config.model
+
+
+def _read_params(export_dir, manifest: dict) -> dict:
+  """{name: array} from params.npz, checked against the manifest entry by entry."""
+  try:
+    with (epath.Path(export_dir) / PARAMS).open("rb") as f, np.load(f, allow_pickle=False) as npz:
+      raw = {name: npz[name] for name in npz.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    _fail(export_dir, PARAMS, f"unreadable ({type(e).__name__}: {e})")
+  entries = manifest["params"]
+  missing, extra = sorted(set(entries) - set(raw)), sorted(set(raw) - set(entries))
+  if missing or extra:
+    _fail(export_dir, PARAMS, f"arrays differ from {MANIFEST}: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+  params = {}
+  for name, entry in entries.items():
+    array, dtype = raw[name], entry["dtype"]
+    if dtype == "bfloat16":
+      array = array.view(jnp.bfloat16) if array.dtype == np.uint16 else array
+    if list(array.shape) != list(entry["shape"]) or str(array.dtype) != dtype:
+      _fail(export_dir, PARAMS, f"shape mismatch: {name} is {array.dtype}{list(array.shape)} "
+                                f"but {MANIFEST} records {dtype}{list(entry['shape'])}")
+    params[name] = array
+  return params
+
+
+def load(export_dir: str) -> Export:
+  """Validates and loads an export onto the default device. Raises
+  ExportError (naming the file and parameter) on any inconsistency."""
+  export_dir = _path(export_dir)
+  if not export_dir.is_dir():
+    raise ExportError(f"bad export {export_dir}: not a directory")
+  missing = [f for f in FILES if not (export_dir / f).is_file()]
+  if missing:
+    _fail(export_dir, ", ".join(missing), "missing file" + ("s" if len(missing) > 1 else ""))
+  try:
+    manifest = json.loads((export_dir / MANIFEST).read_text())
+  except (OSError, ValueError) as e:
+    _fail(export_dir, MANIFEST, f"unreadable JSON ({e})")
+  if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    _fail(export_dir, MANIFEST, f"format {manifest.get('format')!r} version "
+                                f"{manifest.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+  model_config = _read_model_config(export_dir)
+  params = _read_params(export_dir, manifest)
+
+  # The config must describe exactly these weights: same names, shapes, dtypes.
+  model = abstract_model(model_config)
+  abstract_params = nnx.to_pure_dict(nnx.state(model, ito.encoder_filter()))
+  expected = flatten(abstract_params)
+  problems = [f"{n} is in the weights but not in the model the config builds"
+              for n in sorted(set(params) - set(expected))]
+  problems += [f"{n} is missing from the weights" for n in sorted(set(expected) - set(params))]
+  problems += [f"{n}: weights {params[n].dtype}{list(params[n].shape)}, config implies "
+               f"{expected[n].dtype}{list(expected[n].shape)}"
+               for n in sorted(set(params) & set(expected))
+               if params[n].shape != expected[n].shape or params[n].dtype != expected[n].dtype]
+  if problems:
+    _fail(export_dir, CONFIG, f"does not match {PARAMS} ({len(problems)} problems): "
+                              + "; ".join(problems[:5]))
+
+  try:
+    tokenizer = Tokenizer((export_dir / TOKENIZER).read_bytes())
+    vocab = tokenizer.vocab_size
+  except (OSError, RuntimeError) as e:
+    _fail(export_dir, TOKENIZER, f"not a sentencepiece model ({e})")
+  if vocab > model_config.text.vocab_size:
+    _fail(export_dir, TOKENIZER, f"{vocab} pieces, more than {CONFIG} text.vocab_size "
+                                 f"{model_config.text.vocab_size}")
+
+  # Everything checked: now build.
+  graphdef, state = nnx.split(model)
+  nnx.replace_by_pure_dict(state, unflatten_like(
+      abstract_params, {k: jnp.asarray(v) for k, v in params.items()}))
+  return Export(nnx.merge(graphdef, state), model_config, tokenizer, manifest)

@@ -1,0 +1,112 @@
+"""Model FLOPs and MFU: an analytic count of the dual encoder's matmul FLOPs,
+and a table of accelerator peaks.
+
+Convention (as in PaLM's MFU): *model* FLOPs count every matrix multiply of the
+forward pass as 2·m·n·k, and a train step as 3× the forward (the backward pass
+costs two forward matmuls: one for activations' and one for weights'
+gradients). Elementwise work (norms, softmax, GELU, AdamW) and remat's
+recomputation are not counted, so MFU does not reward recomputation. XLA's
+cost analysis, by contrast, counts what the compiled step executes; the bench
+prints both and their ratio as a cross-check.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Dense bf16 peak TFLOP/s per chip (per device as jax lists it), from vendor
+# data sheets. Matched by lower-cased substring of jax's `device_kind`, first
+# match wins, so more specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("tpu v6 lite", 918.0),  # v6e (Trillium)
+    ("tpu v6e", 918.0),
+    ("tpu v5 lite", 197.0),  # v5e
+    ("tpu v5e", 197.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5", 459.0),  # v5p reports "TPU v5"
+    ("tpu v4", 275.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0),
+    ("h100", 989.0),  # SXM / HBM3
+    ("a100", 312.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """Dense bf16 peak TFLOP/s for a jax device_kind, or None if not in the table
+  (CPUs and unknown accelerators: pass --peak_tflops)."""
+  kind = device_kind.lower()
+  for name, peak in PEAK_BF16_TFLOPS:
+    if name in kind:
+      return peak
+  return None
+
+
+def encoder_forward_flops(length: int, width: int, depth: int, mlp_dim: int) -> int:
+  """Matmul FLOPs of one sequence through `depth` pre-LN blocks: Q, K, V and
+  output projections (4·2·L·W²), scores and weighted values (2·2·L²·W), MLP
+  (2·2·L·W·F)."""
+  per_block = 8 * length * width * width + 4 * length * length * width + 4 * length * width * mlp_dim
+  return depth * per_block
+
+
+def forward_flops_per_example(config: ml_collections.ConfigDict) -> dict:
+  """Forward matmul FLOPs per example (M image views, N text views), by part."""
+  m, loss = config.model, config.loss
+  img, txt = m.image, m.text
+  patches = (img.image_size // img.patch_size) ** 2
+  views_i, views_t = loss.num_image_views, loss.num_text_views
+  parts = {
+      "patch_embed": views_i * 2 * patches * img.patch_size ** 2 * 3 * img.width,
+      "image_encoder": views_i * encoder_forward_flops(
+          patches, img.width, img.depth, int(img.width * img.mlp_ratio)),
+      "text_encoder": views_t * encoder_forward_flops(
+          txt.context_length, txt.width, txt.depth, int(txt.width * txt.mlp_ratio)),
+      "projections": 2 * m.embed_dim * (views_i * img.width + views_t * txt.width),
+      # One row of the [B·M, B·N] similarity matrix per image view.
+      "logits": views_i * 2 * config.batch_size * views_t * m.embed_dim,
+  }
+  if m.fusion.enabled:
+    parts["fusion_head"] = 0  # not counted: training-only, small (see bench --fusion_overhead)
+  return parts
+
+
+def train_flops_per_example(config: ml_collections.ConfigDict) -> float:
+  """Model FLOPs of one train step per example: 3 × forward."""
+  return 3.0 * sum(forward_flops_per_example(config).values())
+
+
+SCAN_NOTE = ("XLA's cost analysis counts a while-loop body once, so with model.scan_layers "
+             "its FLOPs miss (depth - 1) layers per tower; the analytic count is the one to use")
+
+
+def mfu_figures(config: ml_collections.ConfigDict, step_s: float, device_kind: str,
+                num_devices: int, xla_flops_per_step: float | None = None,
+                peak: float | None = None) -> dict:
+  """Achieved model FLOP/s and MFU for a step of `step_s` seconds.
+
+  peak: per-device peak TFLOP/s; None looks `device_kind` up in the table.
+  MFU is reported only when a peak is known (never guessed for CPUs).
+  xla_flops_per_step: XLA cost analysis of the compiled step (per device on a
+  sharded step), for the cross-check against the analytic count.
+  """
+  if step_s <= 0:
+    raise ValueError(f"step_s must be positive, got {step_s}")
+  per_example = train_flops_per_example(config)
+  per_step = per_example * config.batch_size
+  achieved = per_step / step_s / 1e12
+  figures = {"model_flops_per_example": per_example, "model_tflops_per_s": achieved}
+  if xla_flops_per_step:
+    xla_total = xla_flops_per_step * num_devices
+    figures["xla_flops_per_example"] = xla_total / config.batch_size
+    figures["xla_over_model_flops"] = xla_total / per_step
+    figures["xla_tflops_per_s"] = xla_total / step_s / 1e12
+    if config.model.scan_layers:
+      figures["xla_flops_note"] = SCAN_NOTE
+  peak = peak if peak else peak_tflops(device_kind)
+  if peak:
+    figures["peak_tflops_per_device"] = peak
+    figures["mfu_pct"] = 100 * achieved / (peak * num_devices)
+  else:
+    figures["mfu_pct"] = "n/a (no peak for this device; pass --peak_tflops)"
+  return figures

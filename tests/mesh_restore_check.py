@@ -1,0 +1,64 @@
+"""Restores a 1-device checkpoint onto other meshes of this process's devices
+and prints a JSON report (run with 2 CPU devices by test_checkpoint.py):
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/mesh_restore_check.py WORKDIR DATA_DIR
+
+For each mesh: every restored array equals its value restored onto one device,
+carries the sharding the new mesh gives it (so Adam moments and kernels really
+are split across devices), and the data iterator yields the same next batch.
+It runs no multi-device program: XLA:CPU collectives can deadlock when a
+2-core machine's thread pool is exhausted, which says nothing about restoring.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tiny_run  # noqa: E402
+from ito_jax import checkpoint, sharding, train  # noqa: E402
+from ito_jax.data import pipeline  # noqa: E402
+from ito_jax.export import flatten  # noqa: E402
+
+
+def restore(workdir, data_dir, mesh_sizes, devices):
+  config = tiny_run.config(data_dir)
+  config.mesh.update(mesh_sizes)
+  mesh = sharding.make_mesh(config, devices)
+  _, tokenizer = train.prepare_inputs(config, workdir)
+  data = iter(pipeline.train_dataset(config, tokenizer, data_dir=data_dir))
+  _, abstract = train.abstract_model_and_optimizer(config, mesh)
+  state, step = checkpoint.Checkpointer(workdir, config, read_only=True).restore(abstract, data)
+  return flatten(checkpoint.to_tree(state)), next(data), step
+
+
+def main(workdir, data_dir):
+  devices = jax.devices()
+  base, base_batch, step = restore(workdir, data_dir, dict(data=1, fsdp=1, tensor=1), devices[:1])
+  report = {"device_count": len(devices), "step": step, "meshes": {}}
+  for name, sizes in {"fsdp=2": dict(data=1, fsdp=2, tensor=1),
+                      "data=2": dict(data=2, fsdp=1, tensor=1)}.items():
+    arrays, batch, restored_step = restore(workdir, data_dir, sizes, devices)
+    split = [n for n, x in arrays.items()
+             if len({str(s.index) for s in x.addressable_shards}) == len(devices)]
+    report["meshes"][name] = {
+        "step": restored_step,
+        "names_equal": sorted(arrays) == sorted(base),
+        "unequal": [n for n in base if not np.array_equal(np.asarray(arrays[n]), np.asarray(base[n]))],
+        "devices": sorted({d.id for x in arrays.values() for d in x.sharding.device_set}),
+        "split_arrays": len(split),
+        "split_examples": sorted(split)[:3],
+        "kernel_spec": str(arrays["model/image_proj/kernel"].sharding.spec),
+        "adam_mu_spec": str(arrays["optimizer/opt_state/1/0/mu/image_proj/kernel"].sharding.spec),
+        "next_batch_equal": all(np.array_equal(batch[k], base_batch[k]) for k in base_batch),
+    }
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:3])

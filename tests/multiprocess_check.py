@@ -1,0 +1,72 @@
+"""One process of a multi-process training run on 127.0.0.1; prints its losses as JSON.
+
+  python tests/multiprocess_check.py --num_processes=2 --process_id=I --port=P
+  python tests/multiprocess_check.py --num_processes=1
+
+Every process sees the same deterministic global batches and feeds only its
+own rows (process i of n: rows [i*B/n, (i+1)*B/n)), which
+`sharding.put_batch` assembles into global arrays, as the data pipeline's
+per-process shards are. With --num_processes=1 the whole batch goes to one
+device: the reference trajectory. tests/test_sharding.py runs both and
+compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+STEPS = 3
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--num_processes", type=int, required=True)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--port", type=int, default=0)
+  args = parser.parse_args()
+
+  from ito_jax import distributed  # noqa: E402 (imports jax, touches no device)
+
+  if args.num_processes > 1:
+    distributed.initialize("auto", f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
+
+  import jax
+  from flax import nnx
+
+  from configs import common
+  from ito_jax import sharding, train
+  from ito_jax.bench import random_batch
+  from sharded_step_check import tiny_config
+
+  config = tiny_config("ito")
+  config.batch_size = 16
+  config.loss.itm_negative_pool = 4  # the per-shard batch on 2 processes x 2 devices
+  devices = jax.devices() if args.num_processes > 1 else jax.devices()[:1]
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (-1, 2, 1) if len(devices) > 1 else (1, 1, 1)
+  common.validate(config, len(devices), jax.process_count())
+  mesh = sharding.make_mesh(config, devices)
+  model, optimizer = train.create_model_and_optimizer(config, mesh)
+  graphdef, state = nnx.split((model, optimizer))
+  step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, config)
+
+  rows = config.batch_size // jax.process_count()
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+  losses = []
+  for i in range(STEPS):
+    local = {k: v[mine] for k, v in random_batch(config, seed=i).items()}
+    state, metrics = step(state, sharding.put_batch(local, mesh))
+    losses.append(float(metrics["loss"]))
+  print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
+                    "devices": jax.device_count(), "mesh": dict(mesh.shape), "losses": losses}),
+        flush=True)
+  if args.num_processes > 1:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,170 @@
+"""Runs on 8 simulated CPU devices; prints one JSON object per check.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_check.py step
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_check.py memory
+
+A separate process because a process fixes its device count when JAX starts;
+tests/test_sharding.py launches it and asserts on the figures.
+
+step:   the train step on a (data, fsdp, tensor) mesh against the same step on
+        one device, same initial parameters and batches: loss of each step and
+        parameters after the last, for every mesh x objective.
+memory: the compiled per-device memory of the batch-level loss terms (value
+        and gradient) at a global batch where a [B, B] float32 would dominate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from configs import common  # noqa: E402
+from ito_jax import sharding, train  # noqa: E402
+from ito_jax.bench import random_batch  # noqa: E402
+from ito_jax.losses import sharded  # noqa: E402
+
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+OBJECTIVES = {  # name -> (loss.name, sigmoid_variant, fusion)
+    "softmax": ("softmax", "gather", False),
+    "sigmoid_gather": ("sigmoid", "gather", False),
+    "sigmoid_ring": ("sigmoid", "ring", False),
+    "ito": ("softmax", "gather", True),
+}
+STEPS = 2
+
+
+def tiny_config(objective: str, mesh_shape=(1, 1, 1)):
+  """Every sharded dimension divisible by 4 (fsdp) and 2 (tensor)."""
+  name, variant, fusion = OBJECTIVES[objective]
+  c = common.base_config()
+  c.batch_size = 32  # 4 samples per shard on 8 batch shards, 8 on 4
+  c.total_steps = 10
+  c.model.embed_dim = 16
+  c.model.image.update(image_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_ratio=2.0)
+  c.model.text.update(vocab_size=64, context_length=8, width=16, depth=1, num_heads=2, mlp_ratio=2.0)
+  c.model.fusion.update(enabled=fusion, width=16, depth=1, num_heads=2, mlp_ratio=2.0)
+  c.loss.update(name=name, sigmoid_variant=variant, num_image_views=2, num_text_views=2)
+  if fusion:
+    # Pools of 4 fit every mesh here, so all runs mine the same negatives.
+    c.loss.update(itm_weight=0.5, anchor_weight=0.5, itm_negative_pool=4)
+  c.optim.update(learning_rate=1e-3, warmup_steps=0)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
+  return c
+
+
+def fc1_kernel_layout(state):
+  """Per-device shard shape of the first ViT MLP kernel [width, mlp] and of
+  its Adam moments: FSDP splits 'embed' over fsdp, tensor parallelism 'mlp'
+  over tensor, and the optimizer state is laid out like the parameter."""
+  return {"/".join(map(str, path)): list(v[...].addressable_shards[0].data.shape)
+          for path, v in nnx.to_flat_state(state)
+          if path[-3:] == ("mlp", "fc1", "kernel") and "image_tower" in path}
+
+
+def run_steps(config, devices):
+  """Trains STEPS steps on a mesh over `devices`; returns (losses, params, seconds,
+  layout, largest parameter change)."""
+  common.validate(config, len(devices))
+  mesh = sharding.make_mesh(config, devices)
+  model, optimizer = train.create_model_and_optimizer(config, mesh)
+  graphdef, state = nnx.split((model, optimizer))
+  step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, config)
+  initial = jax.tree.map(np.asarray, jax.device_get(nnx.state(model, nnx.Param).to_pure_dict()))
+  t0 = time.perf_counter()
+  losses = []
+  for i in range(STEPS):
+    state, metrics = step(state, sharding.put_batch(random_batch(config, seed=i), mesh))
+    losses.append(float(metrics["loss"]))
+  layout = fc1_kernel_layout(state)
+  nnx.update((model, optimizer), state)
+  params = jax.tree.map(np.asarray, jax.device_get(nnx.state(model, nnx.Param).to_pure_dict()))
+  update = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, initial)))
+  return losses, params, time.perf_counter() - t0, layout, update
+
+
+def check_steps():
+  devices = jax.devices()
+  references = {}
+  for objective in OBJECTIVES:
+    if objective == "sigmoid_ring":
+      reference = references["sigmoid_gather"]  # one shard: ring and gather are the same sum
+    else:
+      references[objective] = reference = run_steps(tiny_config(objective), devices[:1])
+    for shape in MESHES:
+      losses, params, seconds, layout, update = run_steps(tiny_config(objective, shape), devices)
+      diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                           params, reference[1]))
+      print(json.dumps({
+          "check": "step", "objective": objective, "mesh": list(shape),
+          "losses": losses, "reference_losses": reference[0],
+          "loss_max_abs_diff": max(abs(a - b) for a, b in zip(losses, reference[0])),
+          "param_max_abs_diff": max(diffs), "param_max_update": update,
+          "fc1_kernel_shard_shapes": layout,
+          "seconds": round(seconds, 1)}), flush=True)
+
+
+def largest_array(hlo: str):
+  """(elements, shape) of the largest array any instruction of an HLO module has."""
+  shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"\w+\[(\d+(?:,\d+)*)\]", hlo)}
+  return max((math.prod(s), list(s)) for s in shapes)
+
+
+def check_memory(batch=4096, dim=64):
+  """Per-device compiled memory of the value and gradient of the batch-level
+  terms (alignment, saturation, anchor) on [batch, dim] embeddings, split
+  over 8 devices by shard_map, against the same terms on one device."""
+  config = common.base_config()
+  config.mesh.data = 8
+  mesh = sharding.make_mesh(config)
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  embeddings = [unit(rng.normal(size=(batch, 1, dim)).astype(np.float32)) for _ in range(3)]
+  B, R = sharded.BATCH, sharded.REPLICATED
+  for name, variant in (("softmax", "gather"), ("sigmoid", "gather"), ("sigmoid", "ring")):
+    figures = {}
+    for label, shard_mesh in (("sharded", mesh), ("one_device", None)):
+
+      def align(image, text, scale, bias):
+        fn = lambda i, t, s, b, axis: sharded.alignment(name, variant, i, t, s, b, axis=axis)
+        return sharded.on_batch_shards(fn, shard_mesh, (B, B, R, R), R)(image, text, scale, bias)
+
+      def terms(image, text, anchor, scale, bias):
+        run = lambda fn, ins: sharded.on_batch_shards(fn, shard_mesh, ins, R)
+        stats = run(sharded.saturation, (B, B, R))(image[:, 0], text[:, 0], scale)
+        anchor = run(sharded.anchor_alignment, (B, B, B, R))(image[:, 0], text[:, 0], anchor[:, 0], scale)
+        return align(image, text, scale, bias) + anchor + 0.0 * stats["mean_margin"]
+
+      if shard_mesh is None:
+        args = [jax.device_put(x, jax.devices()[0]) for x in embeddings]
+      else:
+        args = [jax.device_put(x, NamedSharding(mesh, B)) for x in embeddings]
+      scalars = (jnp.float32(10.0), jnp.float32(-10.0))
+      whole = jax.jit(jax.value_and_grad(terms, argnums=(0, 1, 2, 3, 4))).lower(*args, *scalars).compile()
+      alone = jax.jit(jax.value_and_grad(align, argnums=(0, 1, 2, 3))).lower(*args[:2], *scalars).compile()
+      elements, shape = largest_array(whole.as_text())
+      figures[label] = {"temp_mib": whole.memory_analysis().temp_size_in_bytes / 2**20,
+                        "align_temp_mib": alone.memory_analysis().temp_size_in_bytes / 2**20,
+                        "align_largest_array": largest_array(alone.as_text())[1],
+                        "largest_array": shape}
+    print(json.dumps({"check": "memory", "loss": name, "variant": variant, "batch": batch,
+                      "dim": dim, "devices": 8, "global_bxb_mib": batch * batch * 4 / 2**20,
+                      **figures}), flush=True)
+
+
+if __name__ == "__main__":
+  if jax.device_count() != 8:
+    sys.exit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), got {jax.device_count()}")
+  part = sys.argv[1] if len(sys.argv) > 1 else "step"
+  {"step": check_steps, "memory": check_memory}[part]()

@@ -1,0 +1,289 @@
+"""The converter: image folders (JSONL and CSV captions), webdataset tars and
+TFDS array_record data sets become ArrayRecord shards of one schema; parallel,
+resumable, with a manifest; then training reads them, mixed by weight."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+import data_helpers as h
+from ito_jax import train
+from ito_jax.data import convert, pipeline, records, sources, synthetic
+from ito_jax.data import tokenizer as tokenizer_lib
+from ito_jax.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM = 12  # examples per source
+
+
+def _records(path: str) -> dict:
+  source = sources.ArrayRecordSource(path)
+  return {r.id: r for r in (source[i] for i in range(len(source)))}
+
+
+@pytest.fixture(scope='module')
+def inputs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('inputs')
+  examples = h.shapes_examples(NUM)
+  h.write_folder(str(root / 'jsonl'), examples, 'jsonl')
+  h.write_folder(str(root / 'csv'), examples, 'csv')
+  os.makedirs(root / 'tars')
+  h.write_tar(str(root / 'tars' / 'a.tar'), h.webdataset_members(examples[:7]))
+  h.write_tar(str(root / 'tars' / 'b.tar'), h.webdataset_members(examples[7:]) + [
+      ('shard/no_caption.jpg', h.encode(Image.new('RGB', (8, 8)), 'JPEG')),
+      ('shard/bad_text.jpg', h.encode(Image.new('RGB', (8, 8)), 'JPEG')),
+      ('shard/bad_text.txt', b'\xff\xfe'),
+  ])
+  shapes = synthetic.prepare(str(root / 'tfds'), num_train=NUM, num_eval=40)
+  return root, examples, shapes
+
+
+# ----------------------------------------------------------------- each input kind
+@pytest.mark.parametrize('fmt', ['jsonl', 'csv'])
+def test_folder(inputs, tmp_path, fmt):
+  root, examples, _ = inputs
+  m = convert.convert('folder', str(root / fmt), str(tmp_path / 'out'),
+                      convert.Options(records_per_shard=5), progress=False)
+  assert m['num_records'] == NUM and m['num_shards'] == 3 and m['bad'] == {}
+  assert [s['records'] for s in m['shards']] == [5, 5, 2]
+  assert m['class_names'] == sorted({synthetic.CLASS_NAMES[e['label']] for e in examples})
+  assert m['captions_per_record'] == {'min': 5, 'max': 5} and m['num_labelled'] == NUM
+  got = _records(str(tmp_path / 'out'))
+  for i, ex in enumerate(examples):
+    r = got[ex['id']]
+    name = f'{ex["id"]}.{"png" if i % 2 == 0 else "jpg"}'
+    assert r.image == (root / fmt / 'img' / name).read_bytes()  # bytes copied, not re-encoded
+    assert [c.decode() for c in r.captions] == ex['captions']
+    assert m['class_names'][r.label] == synthetic.CLASS_NAMES[ex['label']]
+
+
+def test_tar_from_the_command_line(inputs, tmp_path):
+  root, examples, _ = inputs
+  out = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ito_jax.data.convert', '--kind=tar', f'--input={root / "tars"}',
+       f'--output={out}', '--num_workers=1'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f'{NUM} records in 2 shards' in proc.stdout
+  m = json.loads((out / 'manifest.json').read_text())
+  assert [s['records'] for s in m['shards']] == [7, NUM - 7]  # one shard per tar
+  assert m['bad'] == {'missing_field': 1, 'non_utf8_caption': 1}
+  assert m['bad_examples'] == {'missing_field': ['shard/no_caption'],
+                               'non_utf8_caption': ['shard/bad_text']}
+  got = _records(str(out))
+  for i, ex in enumerate(examples):
+    r = got[f'shard/{ex["id"]}']
+    if i % 2 == 0:  # jpg + txt: one caption, no label
+      assert [c.decode() for c in r.captions] == ex['captions'][:1] and r.label is None
+      assert Image.open(io.BytesIO(r.image)).format == 'JPEG'
+    else:  # png + json + cls
+      assert r.image == ex['image'] and r.label == ex['label']
+      assert [c.decode() for c in r.captions] == ex['captions']
+
+
+def test_truncated_tar_keeps_what_came_before(inputs, tmp_path):
+  root, examples, _ = inputs
+  whole = (root / 'tars' / 'a.tar').read_bytes()
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'cut.tar').write_bytes(whole[:len(whole) // 2])  # mid-member
+  m = convert.convert('tar', str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
+  assert m['bad'] == {'corrupt_record': 1} and m['bad_examples']['corrupt_record'][0].startswith('cut.tar@')
+  got = _records(str(tmp_path / 'out'))
+  assert 0 < len(got) < 7 and list(got) == [f'shard/{e["id"]}' for e in examples[:len(got)]]
+
+
+def test_tfds(inputs, tmp_path):
+  _, _, shapes = inputs
+  m = convert.convert('tfds', shapes.data_dir, str(tmp_path / 'out'), split='test', progress=False)
+  assert m['num_records'] == 40 and m['class_names'] == list(synthetic.CLASS_NAMES)
+  assert m['input']['fields'] == {'image': 'image', 'captions': 'captions', 'label': 'label', 'id': 'id'}
+  got = _records(str(tmp_path / 'out'))
+  for i in (0, 17, 39):
+    ex = synthetic.make_example(0, 'test', i)
+    r = got[ex['id']]
+    assert r.image == ex['image'] and r.label == ex['label']
+    assert [c.decode() for c in r.captions] == ex['captions']
+  with pytest.raises(ValueError, match='no image feature'):
+    sources.TfdsFields.detect({})
+  with pytest.raises(ValueError, match='other input or options'):  # a different split, same output
+    convert.convert('tfds', shapes.data_dir, str(tmp_path / 'out'), split='validation', progress=False)
+
+
+def test_tfds_fields_of_common_layouts():
+  """coco_captions / imagenet2012 / cifar10 feature layouts (built here, not
+  downloaded): the right image, caption, label and id features are found."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  f, i64 = tfds.features, np.int64
+  coco = f.FeaturesDict({
+      'captions': f.Sequence({'id': f.Tensor(shape=(), dtype=i64), 'text': f.Text()}),
+      'image': f.Image(), 'image/filename': f.Text(), 'image/id': f.Tensor(shape=(), dtype=i64),
+      'objects': f.Sequence({'label': f.ClassLabel(num_classes=80)})})
+  fields = sources.TfdsFields.detect(coco)
+  assert fields == sources.TfdsFields('image', 'captions/text', '', 'image/filename')
+  record = {'captions': {'id': [1, 2], 'text': [b'a dog', b'two dogs']}, 'image': b'jpeg bytes',
+            'image/filename': b'0001.jpg', 'image/id': 1, 'objects': {'label': [3]}}
+  assert fields.to_raw(record, 'unused') == records.RawRecord(
+      id='0001.jpg', image=b'jpeg bytes', captions=[b'a dog', b'two dogs'], label=None)
+  imagenet = f.FeaturesDict({'image': f.Image(), 'label': f.ClassLabel(num_classes=9),
+                             'file_name': f.Text()})  # the file name is no caption
+  assert sources.TfdsFields.detect(imagenet) == sources.TfdsFields('image', '', 'label', 'file_name')
+  cifar = f.FeaturesDict({'id': f.Text(), 'image': f.Image(shape=(32, 32, 3)),
+                          'label': f.ClassLabel(num_classes=10)})
+  assert sources.TfdsFields.detect(cifar, captions='') == sources.TfdsFields('image', '', 'label', 'id')
+
+
+def test_labels_without_captions_get_template_captions(tmp_path):
+  """A cifar-like set: integer labels and class names, no captions."""
+  os.makedirs(tmp_path / 'in')
+  rows = []
+  for i, ex in enumerate(h.shapes_examples(3)):
+    (tmp_path / 'in' / f'{i}.png').write_bytes(ex['image'])
+    rows.append(json.dumps({'image': f'{i}.png', 'label': 2 - i}) + '\n')
+  (tmp_path / 'in' / 'captions.jsonl').write_text(''.join(rows))
+  m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'out'),
+                      convert.Options(caption_template='a photo of a {}.'),
+                      class_names=['cat', 'dog', 'emu'], progress=False)
+  assert m['bad'] == {} and m['class_names'] == ['cat', 'dog', 'emu']
+  got = _records(str(tmp_path / 'out'))
+  assert {k: (r.label, r.captions) for k, r in got.items()} == {
+      '0.png': (2, [b'a photo of a emu.']), '1.png': (1, [b'a photo of a dog.']),
+      '2.png': (0, [b'a photo of a cat.'])}
+  # Without a template they stay captionless (a zero-shot evaluation set);
+  # unlabelled ones would be missing a field.
+  m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'plain'),
+                      class_names=['cat', 'dog', 'emu'], progress=False)
+  assert m['num_records'] == 3 and m['bad'] == {} and m['captions_per_record']['max'] == 0
+  config = h.micro_config(eval_source=str(tmp_path / 'plain'))
+  tok = tokenizer_lib.train_tokenizer(['a photo of a cat'] * 3, str(tmp_path / 'tok'), 64)
+  arrays = pipeline.eval_arrays(config, tok, 'ignored')
+  assert arrays['tokens'].shape == (3, 0, 16) and list(arrays['labels']) == [2, 1, 0]
+  (tmp_path / 'in' / 'captions.jsonl').write_text(''.join(
+      json.dumps({'image': f'{i}.png'}) + '\n' for i in range(3)))
+  m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'unlabelled'), progress=False)
+  assert m['num_records'] == 0 and m['bad'] == {'missing_field': 3}
+
+
+def test_parallel_resume_and_refusal(inputs, tmp_path):
+  root, _, _ = inputs
+  out = str(tmp_path / 'out')
+  options = convert.Options(records_per_shard=4)
+  first = convert.convert('folder', str(root / 'jsonl'), out, options, num_workers=2, progress=False)
+  serial = convert.convert('folder', str(root / 'jsonl'), str(tmp_path / 'serial'), options,
+                           progress=False)
+  shards = [os.path.join(out, s['file']) for s in first['shards']]
+  for a, b in zip(shards, [os.path.join(tmp_path / 'serial', s['file']) for s in serial['shards']]):
+    assert open(a, 'rb').read() == open(b, 'rb').read()  # the same bytes, in parallel or not
+  # An interrupted run: shard 1 lost its marker, shard 2 only got a temporary file.
+  os.remove(shards[1] + '.done.json')
+  os.replace(shards[2], shards[2] + '.tmp')
+  os.remove(shards[2] + '.done.json')
+  os.remove(os.path.join(out, 'manifest.json'))
+  with pytest.raises(FileNotFoundError, match='no manifest.json'):
+    sources.ArrayRecordSource(out)
+  kept = os.stat(shards[0]).st_mtime_ns
+  again = convert.convert('folder', str(root / 'jsonl'), out, options, progress=False)
+  assert again == first and os.stat(shards[0]).st_mtime_ns == kept  # only 1 and 2 rewritten
+  assert not os.path.exists(shards[2] + '.tmp')
+  with pytest.raises(ValueError, match='other input or options'):
+    convert.convert('folder', str(root / 'jsonl'), out, convert.Options(records_per_shard=5),
+                    progress=False)
+
+
+# ----------------------------------------------------------------- reading them
+@pytest.fixture(scope='module')
+def converted(inputs, tmp_path_factory):
+  root, examples, shapes = inputs
+  out = tmp_path_factory.mktemp('converted')
+  convert.convert('folder', str(root / 'jsonl'), str(out / 'folder'), progress=False)
+  convert.convert('tar', str(root / 'tars'), str(out / 'tar'), progress=False)
+  convert.convert('tfds', shapes.data_dir, str(out / 'tfds'), split='train', progress=False)
+  convert.convert('tfds', shapes.data_dir, str(out / 'eval'), split='test', progress=False)
+  kinds = h.write_salted_folder(str(out / 'salted_in'), h.shapes_examples(NUM, seed=1))
+  convert.convert('folder', str(out / 'salted_in'), str(out / 'salted'),
+                  convert.Options(validate=False), progress=False)
+  tok = tokenizer_lib.train_tokenizer(synthetic.train_captions(shapes), str(out / 'tok'), 512)
+  return out, kinds, tok
+
+
+def test_mix_follows_weights_and_is_deterministic(converted):
+  out, _, tok = converted
+  paths = [str(out / k) for k in ('folder', 'tar', 'tfds')]
+  config = h.micro_config(sources=((paths[0], 2.0), (paths[1], 1.0), paths[2]))
+  it = iter(pipeline.train_dataset(config, tok))
+  batches = [next(it) for _ in range(4)]  # 32 records, all good
+  assert it.totals.records == {paths[0]: 16, paths[1]: 8, paths[2]: 8}
+  again = iter(pipeline.train_dataset(config, tok))
+  for b in batches:
+    for k, v in next(again).items():
+      np.testing.assert_array_equal(v, b[k])
+  # Processes read disjoint halves of every source.
+  halves = [iter(pipeline.train_dataset(config, tok, process_index=p, process_count=2))
+            for p in range(2)]
+  b0, b1 = next(halves[0]), next(halves[1])
+  assert b0['images'].shape[0] == 4 and not np.array_equal(b0['images'], b1['images'])
+  labels = np.concatenate([b['labels'] for b in batches])  # tar records with .txt: no label
+  assert labels.dtype == np.int32 and (labels == -1).any() and (labels >= 0).sum() >= 24
+
+
+def test_eval_arrays_from_a_converted_source(converted):
+  out, _, tok = converted
+  config = h.micro_config(eval_source=str(out / 'eval'))
+  arrays = pipeline.eval_arrays(config, tok, 'ignored')
+  assert arrays['images'].shape == (40, 16, 16, 3) and arrays['tokens'].shape == (40, 5, 16)
+  assert list(arrays['ids']) == sorted(arrays['ids']) and arrays['ids'][0] == 'test_000000'
+  assert arrays['labels'][0] == synthetic.make_example(0, 'test', 0)['label']
+  assert pipeline.class_names(config) == list(synthetic.CLASS_NAMES)
+  # A tar source has 1 or 5 captions per example: the first one of each is used.
+  mixed = pipeline.eval_arrays(h.micro_config(eval_source=str(out / 'tar')), tok, 'ignored')
+  assert mixed['tokens'].shape == (NUM, 1, 16)
+  # What an evaluation set lacks is not evaluated: the tar set has unlabelled
+  # examples (no zero-shot), a labels-only set has no retrieval.
+  from ito_jax.evaluate.evaluator import Evaluator  # pylint: disable=g-import-not-at-top
+  tar_eval = Evaluator(config, mixed, pipeline.class_names(config), tok)
+  assert tar_eval.retrieval and not tar_eval.zeroshot
+  labels_only = dict(arrays, tokens=arrays['tokens'][:, :0])
+  only = Evaluator(config, labels_only, synthetic.CLASS_NAMES, tok)
+  assert only.zeroshot and not only.retrieval
+  with pytest.raises(ValueError, match='neither'):
+    Evaluator(config, labels_only, [], tok)
+
+
+@pytest.mark.slow
+def test_train_from_every_kind_and_a_salted_source(converted, tmp_path):
+  """The trainer on all three converted kinds plus the salted folder, mixed;
+  held-out evaluation on a converted labels-only set: it trains, and
+  metrics.jsonl counts every bad kind."""
+  out, kinds, _ = converted
+  # Held out: a labels-only set (zero-shot, no retrieval), like imagenet2012.
+  examples = h.shapes_examples(30, split='test')
+  os.makedirs(tmp_path / 'labels_only')
+  rows = []
+  for ex in examples:
+    (tmp_path / 'labels_only' / f'{ex["id"]}.png').write_bytes(ex['image'])
+    rows.append(json.dumps({'image': f'{ex["id"]}.png', 'label': ex['label']}) + '\n')
+  (tmp_path / 'labels_only' / 'captions.jsonl').write_text(''.join(rows))
+  convert.convert('folder', str(tmp_path / 'labels_only'), str(tmp_path / 'eval'),
+                  class_names=list(synthetic.CLASS_NAMES), progress=False)
+  config = h.micro_config(
+      sources=(str(out / 'folder'), str(out / 'tar'), str(out / 'tfds'), str(out / 'salted')),
+      eval_source=str(tmp_path / 'eval'), max_bad_fraction=0.5, bad_check_min_records=10)
+  config.total_steps = 16
+  config.log_every_steps = 8
+  config.eval_every_steps = 16
+  workdir = str(tmp_path / 'work')
+  result = train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'data'))  # ito_shapes never built
+  logged = [r for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'loss' in r]
+  assert [r['step'] for r in logged] == [8, 16] and all(np.isfinite(r['loss']) for r in logged)
+  last = logged[-1]
+  for kind in set(kinds.values()) - {'good'}:
+    assert last[f'data/bad/{kind}'] >= 1, kind
+  assert last['data/records_read'] - last['data/bad/total'] == 16 * 8
+  assert 0 <= result['zeroshot/accuracy'] <= 1 and result['zeroshot/chance'] == 1 / 30
+  assert not any(k.startswith('retrieval/') for k in result)  # no captions, no retrieval

@@ -1,0 +1,196 @@
+"""The encoder-only export: contents, round trip against the training model,
+the export command, and every kind of bad export it must refuse."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tiny_run
+from ito_jax import checkpoint, export, serve, train
+from ito_jax.data import pipeline
+from ito_jax.evaluate.evaluator import embed_in_batches
+from ito_jax.models.ito import count_params, encoder_filter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_reference_run):
+  """The reference run's final model (restored from its last checkpoint), config, eval data."""
+  ref = tiny_reference_run
+  config = tiny_run.config(ref["data_dir"])
+  mesh = train.sharding.make_mesh(config)
+  graphdef, abstract = train.abstract_model_and_optimizer(config, mesh)
+  state, step = checkpoint.Checkpointer(ref["workdir"], config, read_only=True).restore(abstract)
+  model, _ = nnx.merge(graphdef, state)
+  _, tokenizer = train.prepare_inputs(config, ref["workdir"])
+  eval_data = pipeline.eval_arrays(config, tokenizer, "test", data_dir=ref["data_dir"])
+  return dict(model=model, config=config, step=step, eval=eval_data,
+              export_dir=os.path.join(ref["workdir"], "export"))
+
+
+def test_export_holds_the_encoders_and_nothing_else(trained):
+  model, export_dir = trained["model"], trained["export_dir"]
+  assert model.fusion_head is not None  # the run trained with the fusion head
+  with open(os.path.join(export_dir, "manifest.json")) as f:
+    manifest = json.load(f)
+  with np.load(os.path.join(export_dir, "params.npz"), allow_pickle=False) as npz:
+    stored = {name: npz[name].size for name in npz.files}
+  encoders = count_params(model, encoder_filter())
+  assert manifest["param_count"] == sum(stored.values()) == encoders
+  assert encoders < count_params(model)  # the fusion head is left out
+  assert set(stored) == set(manifest["params"])
+  assert {name.split("/")[0] for name in stored} == {
+      "image_tower", "text_tower", "image_proj", "text_proj", "log_scale", "logit_bias"}
+  assert sorted(os.listdir(export_dir)) == sorted(export.FILES)  # no optimizer or data state
+  assert manifest["step"] == trained["step"] == tiny_run.TOTAL_STEPS
+  assert manifest["trained_with_fusion"] is True
+  with open(os.path.join(export_dir, "model_config.json")) as f:
+    assert json.load(f)["fusion"]["enabled"] is False
+
+
+def test_served_embeddings_equal_the_training_model(trained, tiny_reference_run):
+  """Serving (uint8 images resized by the embedder, raw caption strings) gives
+  the training model's encoder outputs on the same inputs."""
+  model, config, ev = trained["model"], trained["config"], trained["eval"]
+  embedder = serve.load(trained["export_dir"])
+  source = pipeline.builder_for(config, tiny_reference_run["data_dir"]).as_data_source("test")
+  records = sorted((source[i] for i in range(len(source))), key=lambda r: r["id"])
+  images_u8 = np.stack([r["image"] for r in records])  # [64, 64, 64, 3] stored resolution
+  captions = [r["captions"][0].decode() for r in records]
+
+  encode_image = nnx.jit(lambda m, x: m.encode_image(x))
+  encode_text = nnx.jit(lambda m, t: m.encode_text(t))
+  want_images = embed_in_batches(encode_image, model, ev["images"], 64)
+  want_texts = embed_in_batches(encode_text, model, ev["tokens"][:, 0], 64)
+  got_images, got_texts = embedder.embed_images(images_u8), embedder.embed_texts(captions)
+  assert got_images.shape == (64, config.model.embed_dim)
+  np.testing.assert_allclose(got_images, want_images, rtol=0, atol=2e-6)
+  np.testing.assert_allclose(got_texts, want_texts, rtol=0, atol=2e-6)
+  # and the temperature/bias travelled too
+  exported = export.load(trained["export_dir"]).model
+  assert float(exported.log_scale[...]) == float(model.log_scale[...])
+  assert float(exported.logit_bias[...]) == float(model.logit_bias[...])
+
+
+def test_export_command_on_two_devices_matches_the_automatic_export(trained, tiny_reference_run,
+                                                                    tmp_path):
+  """`python -m ito_jax.main export` reads only the encoder arrays of the
+  latest checkpoint (partial restore), here in a 2-device process."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_reference_run["workdir"], workdir)
+  shutil.rmtree(os.path.join(workdir, "export"))
+  out = subprocess.run([sys.executable, "-m", "ito_jax.main", "export", f"--workdir={workdir}"],
+                       cwd=tiny_run.ROOT, env=tiny_run.env(tiny_reference_run["cache_dir"], devices=2),
+                       capture_output=True, text=True, timeout=tiny_run.TIMEOUT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Encoder-only export written to" in out.stdout
+  with np.load(os.path.join(workdir, "export", "params.npz")) as a, \
+      np.load(os.path.join(trained["export_dir"], "params.npz")) as b:
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# =============================================================================
+# Bad exports: each is refused with an error naming the file and the problem
+# =============================================================================
+def _rewrite_params(export_dir, change):
+  path = os.path.join(export_dir, "params.npz")
+  with np.load(path, allow_pickle=False) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  change(arrays)
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+
+
+def _edit_json(export_dir, name, change):
+  path = os.path.join(export_dir, name)
+  with open(path) as f:
+    data = json.load(f)
+  change(data)
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
+def _truncate(export_dir, name):
+  path = os.path.join(export_dir, name)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+
+
+def _smuggle_fusion(export_dir):
+  extra = np.zeros((32, 32), np.float32)
+  _rewrite_params(export_dir, lambda a: a.update({"fusion_head/anchor_proj/kernel": extra}))
+  _edit_json(export_dir, "manifest.json", lambda m: m["params"].update(
+      {"fusion_head/anchor_proj/kernel": {"shape": [32, 32], "dtype": "float32"}}))
+
+
+def _object_array(export_dir):  # what a pickled payload would need
+  _rewrite_params(export_dir, lambda a: a.update({"image_proj/kernel": np.array([{"x": 1}], object)}))
+
+
+BAD_EXPORTS = {
+    "missing manifest": (lambda d: os.remove(os.path.join(d, "manifest.json")),
+                         ["manifest.json", "missing"]),
+    "missing config": (lambda d: os.remove(os.path.join(d, "model_config.json")),
+                       ["model_config.json", "missing"]),
+    "missing weights": (lambda d: os.remove(os.path.join(d, "params.npz")), ["params.npz", "missing"]),
+    "missing tokenizer": (lambda d: os.remove(os.path.join(d, "tokenizer.model")),
+                          ["tokenizer.model", "missing"]),
+    "shape mismatch": (lambda d: _rewrite_params(
+        d, lambda a: a.update({"text_proj/kernel": a["text_proj/kernel"][:, :16]})),
+                       ["params.npz", "shape mismatch", "text_proj/kernel", "[32, 16]"]),
+    "array missing from the weights": (lambda d: _rewrite_params(d, lambda a: a.pop("logit_bias")),
+                                       ["params.npz", "missing ['logit_bias']"]),
+    "config embed_dim does not match the weights": (
+        lambda d: _edit_json(d, "model_config.json", lambda c: c.update(embed_dim=16)),
+        ["model_config.json", "does not match params.npz", "image_proj/kernel", "[32, 32]", "[32, 16]"]),
+    "config depth does not match the weights": (
+        lambda d: _edit_json(d, "model_config.json", lambda c: c["image"].update(depth=2)),
+        ["model_config.json", "does not match params.npz", "image_tower/encoder/blocks/1",
+         "missing from the weights"]),
+    "config with an unknown field": (
+        lambda d: _edit_json(d, "model_config.json", lambda c: c.update(embed_dims=16)),
+        ["model_config.json", "embed_dims"]),
+    "fusion head in the weights": (_smuggle_fusion,
+                                   ["model_config.json", "fusion_head/anchor_proj/kernel",
+                                    "not in the model the config builds"]),
+    "truncated weights": (lambda d: _truncate(d, "params.npz"), ["params.npz", "unreadable"]),
+    "pickled object array": (_object_array, ["params.npz", "unreadable", "allow_pickle"]),
+    "corrupt manifest": (lambda d: _truncate(d, "manifest.json"), ["manifest.json", "unreadable JSON"]),
+    "garbage tokenizer": (lambda d: open(os.path.join(d, "tokenizer.model"), "wb").write(b"not a model"),
+                          ["tokenizer.model", "not a sentencepiece model"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EXPORTS))
+def test_bad_export_is_refused_with_a_named_error(case, trained, tmp_path):
+  export_dir = str(tmp_path / "export")
+  shutil.copytree(trained["export_dir"], export_dir)
+  damage, expected = BAD_EXPORTS[case]
+  damage(export_dir)
+  with pytest.raises(export.ExportError) as err:
+    serve.load(export_dir)
+  for fragment in expected:
+    assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_bfloat16_parameters_round_trip_without_pickle(tmp_path, trained):
+  params = {"a/kernel": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)}
+  export.write({k: np.asarray(v) for k, v in params.items()}, trained["config"].model,
+               os.path.join(tiny_run.ROOT, "README.md"), str(tmp_path / "e"), step=0)
+  with open(tmp_path / "e" / "manifest.json") as f:
+    assert json.load(f)["params"]["a/kernel"] == {"shape": [2, 3], "dtype": "bfloat16"}
+  loaded = export._read_params(str(tmp_path / "e"), json.load(open(tmp_path / "e" / "manifest.json")))
+  assert loaded["a/kernel"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(loaded["a/kernel"].astype(np.float32), np.arange(6).reshape(2, 3))

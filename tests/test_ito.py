@@ -1,0 +1,104 @@
+"""ITO: the fusion head shapes both towers in training and is absent from inference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import ito_tiny_cpu
+from ito_jax import objective
+from ito_jax.ablate import VARIANTS, variant_config
+from ito_jax.losses import fusion as fusion_losses
+from ito_jax.models.ito import ItoModel, count_params, encoder_filter
+
+
+def build(model_config, seed=0):
+  with nnx.use_eager_sharding(False):
+    return ItoModel(model_config, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def config():
+  return ito_tiny_cpu.get_config("runlocal")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  tokens = jnp.array([[5, 6, 7, 2] + [0] * 20, [9, 8, 2] + [0] * 21,
+                      [4, 4, 11, 12, 2] + [0] * 19, [3, 2] + [0] * 22], jnp.int32)
+  return images, tokens
+
+
+def test_encoders_are_bit_identical_with_or_without_fusion_params(config, inputs):
+  images, tokens = inputs
+  ito = build(config.model)
+  clip_config = variant_config(config, "baseline").model
+  clip = build(clip_config)
+  assert ito.fusion_head is not None and clip.fusion_head is None
+  np.testing.assert_array_equal(ito.encode_image(images), clip.encode_image(images))
+  np.testing.assert_array_equal(ito.encode_text(tokens), clip.encode_text(tokens))
+  # Scrambling every fusion parameter changes nothing on the inference path.
+  before_i, before_t = ito.encode_image(images), ito.encode_text(tokens)
+  for _, var in nnx.to_flat_state(nnx.state(ito.fusion_head, nnx.Param)):
+    var[...] = var[...] + 1.0
+  np.testing.assert_array_equal(ito.encode_image(images), before_i)
+  np.testing.assert_array_equal(ito.encode_text(tokens), before_t)
+
+
+def test_encoder_parameter_count_equals_clip_baseline(config):
+  ito = nnx.eval_shape(lambda: build(config.model))
+  clip = nnx.eval_shape(lambda: build(variant_config(config, "baseline").model))
+  assert count_params(ito, encoder_filter()) == count_params(clip)
+  assert count_params(ito) > count_params(clip)  # the head exists in training
+
+
+@pytest.mark.parametrize("which", ["itm", "anchor"])
+def test_fusion_loss_gradients_reach_both_towers(config, inputs, which):
+  images, tokens = inputs
+  model = build(config.model)
+
+  def fusion_only(model):
+    img_emb, img_tok = model.image_features(images)
+    txt_emb, txt_tok, mask = model.text_features(tokens)
+    head = model.fusion_head
+    if which == "itm":
+      return fusion_losses.itm_loss(head, txt_tok, mask, img_tok, img_emb @ txt_emb.T)[0]
+    fused = head(txt_tok, mask, img_tok)
+    return fusion_losses.anchor_loss(img_emb, txt_emb, head.anchor(fused), model.logit_scale)[0]
+
+  grads = nnx.grad(fusion_only)(model)
+  for tower in ("image_tower", "text_tower", "fusion_head"):
+    norm = optax_norm(grads[tower])
+    assert norm > 1e-6, f"no gradient from the {which} loss into {tower}"
+
+
+def optax_norm(tree):
+  return float(jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree))))
+
+
+def test_objective_adds_weighted_fusion_losses(config, inputs):
+  """loss = align + w_itm * itm + w_anchor * (anchor + w_pull * pull), each term reported."""
+  images, tokens = inputs
+  model = build(config.model)
+  batch = {"images": jnp.stack([images, images[::-1]], axis=1),  # [4, 2, H, W, 3]
+           "tokens": jnp.stack([tokens, tokens], axis=1)}  # [4, 2, L]
+  loss, m = objective.compute_loss(model, batch, config)
+  l = config.loss
+  expected = (m["loss/align"] + l.itm_weight * m["loss/itm"] +
+              l.anchor_weight * (m["loss/anchor"] + l.anchor_pull_weight * m["fusion/anchor_pull"]))
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  base = variant_config(config, "baseline")
+  loss_base, m_base = objective.compute_loss(build(base.model), {k: v[:, :1] for k, v in batch.items()}, base)
+  assert "loss/itm" not in m_base and float(loss_base) == pytest.approx(float(m_base["loss/align"]))
+
+
+def test_ablation_variants_switch_the_right_mechanisms(config):
+  got = {v: variant_config(config, v) for v in VARIANTS}
+  views = {v: (c.loss.num_image_views, c.loss.num_text_views) for v, c in got.items()}
+  fusion = {v: c.model.fusion.enabled for v, c in got.items()}
+  assert views == {"baseline": (1, 1), "multi_align": (2, 2), "fusion": (1, 1), "ito": (2, 2)}
+  assert fusion == {"baseline": False, "multi_align": False, "fusion": True, "ito": True}
+  for v, c in got.items():
+    assert (c.total_steps, c.seed, c.data.num_train) == (config.total_steps, config.seed, config.data.num_train)

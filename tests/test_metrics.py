@@ -1,0 +1,125 @@
+"""MetricsWriter: metrics.jsonl and TensorBoard events, locally and on gs://."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from etils import epath
+from tensorboardX.proto import event_pb2
+
+from configs import common, tiny_cpu
+from ito_jax import train
+from ito_jax.data import tokenizer as tokenizer_lib
+from ito_jax.evaluate import embeddings
+from ito_jax.metrics import MetricsWriter, read_jsonl
+from tests.fake_gcs import fake_gcs  # noqa: F401  (fixture)
+
+TRAIN = {"loss": np.float32(2.5), "learning_rate": 1e-3, "saturation/mean_margin": np.float32(-0.75)}
+EVAL = {"zeroshot/accuracy": 0.25, "gap/centroid_distance": np.float64(0.5), "per_class": [0.1, 0.2]}
+
+
+def read_events(tensorboard_dir) -> list[list[event_pb2.Event]]:
+  """Every event file under the directory (oldest first), decoded from the
+  TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc."""
+  files = []
+  for path in sorted(epath.Path(tensorboard_dir).glob("events.out.tfevents.*")):
+    data, events, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      offset += 12 + length + 4
+    files.append(events)
+  return files
+
+
+def scalars(events) -> dict:
+  return {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value}
+
+
+def write_run(workdir):
+  with MetricsWriter(workdir) as writer:
+    writer.write(10, TRAIN)
+    writer.write(20, {**TRAIN, "loss": 2.0})
+    writer.write(20, EVAL)
+
+
+def check_run(workdir):
+  assert read_jsonl(epath.Path(workdir) / "metrics.jsonl") == [
+      {"step": 10, "learning_rate": 1e-3, "loss": 2.5, "saturation/mean_margin": -0.75},
+      {"step": 20, "learning_rate": 1e-3, "loss": 2.0, "saturation/mean_margin": -0.75},
+      {"step": 20, "gap/centroid_distance": 0.5, "per_class": [0.1, 0.2], "zeroshot/accuracy": 0.25},
+  ]
+  (events,) = read_events(epath.Path(workdir) / "tensorboard")
+  assert scalars(events) == pytest.approx({  # lists are not scalars: per_class is not there
+      ("learning_rate", 10): 1e-3, ("loss", 10): 2.5, ("saturation/mean_margin", 10): -0.75,
+      ("learning_rate", 20): 1e-3, ("loss", 20): 2.0, ("saturation/mean_margin", 20): -0.75,
+      ("gap/centroid_distance", 20): 0.5, ("zeroshot/accuracy", 20): 0.25,
+  })
+
+
+def test_jsonl_and_tensorboard_hold_the_same_scalars(tmp_path):
+  write_run(tmp_path)
+  check_run(tmp_path)
+
+
+def test_truncate_after_drops_later_lines_and_purges_them_in_tensorboard(tmp_path):
+  write_run(tmp_path)
+  with MetricsWriter(tmp_path) as resumed:  # a run resumed from step 10
+    resumed.truncate_after(10)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10]
+    resumed.write(20, {"loss": 1.5})
+  assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(10, 2.5), (20, 1.5)]
+  first, second = read_events(tmp_path / "tensorboard")
+  assert scalars(first)[("loss", 20)] == 2.0
+  # TensorBoard hides events at steps >= 11 of earlier files on seeing this START.
+  starts = [e.step for e in second if e.HasField("session_log")]
+  assert starts == [11] and scalars(second) == {("loss", 20): 1.5}
+
+
+def test_other_processes_write_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr("jax.process_index", lambda: 1)
+  write_run(tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_gs_workdir_metrics_tensorboard_and_embeddings(fake_gcs):
+  """gs:// cannot append: the writer rewrites objects whole, and everything
+  reads back through epath."""
+  workdir = "gs://bucket/runs/a"
+  write_run(workdir)
+  check_run(workdir)
+  with MetricsWriter(workdir) as resumed:
+    resumed.truncate_after(10)
+    resumed.write(30, {"loss": 1.0})
+  assert [r["step"] for r in read_jsonl(f"{workdir}/metrics.jsonl")] == [10, 30]
+  arrays = {"image": np.eye(3, 4, dtype=np.float32), "text": np.ones((3, 4), np.float32),
+            "labels": np.arange(3, dtype=np.int32)}
+  embeddings.save(f"{workdir}/embeddings.npz", arrays)
+  loaded = embeddings.load(f"{workdir}/embeddings.npz")
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(loaded[key], value)
+    assert loaded[key].dtype == value.dtype
+  assert "/bucket/runs/a/metrics.jsonl" in fake_gcs
+
+
+def test_embeddings_load_names_what_is_wrong(tmp_path):
+  with pytest.raises(FileNotFoundError, match="embeddings.npz does not exist"):
+    embeddings.load(tmp_path / "embeddings.npz")
+  np.savez(tmp_path / "partial.npz", image=np.zeros((2, 3)))
+  with pytest.raises(ValueError, match=r"missing arrays \['text', 'labels'\]"):
+    embeddings.load(tmp_path / "partial.npz")
+
+
+def test_tokenizer_saves_and_loads_on_gs(fake_gcs):
+  texts = [f"a {c} {s} on the left" for c in ("red", "green", "blue") for s in ("circle", "square")]
+  trained = tokenizer_lib.train_tokenizer(texts * 5, "gs://bucket/run/tokenizer.model", vocab_size=64)
+  loaded = tokenizer_lib.Tokenizer.load("gs://bucket/run/tokenizer.model")
+  np.testing.assert_array_equal(loaded.encode_batch(texts, 8), trained.encode_batch(texts, 8))
+  assert "/bucket/run/tokenizer.model" in fake_gcs
+
+
+def test_remote_workdir_needs_a_local_data_dir():
+  config = tiny_cpu.get_config("runlocal")
+  with pytest.raises(common.ConfigError, match=r"config\.data\.data_dir: must name a local directory"):
+    train.prepare_inputs(config, "gs://bucket/run")

@@ -1,0 +1,259 @@
+"""Serving an export: the Python API, the embed CLI, the HTTP service (each
+malformed request refused with a 4xx, the server staying up), request
+batching, and a short load test."""
+
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_run
+from ito_jax import serve
+from ito_jax.serve import http as serve_http
+from ito_jax.serve import loadtest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_reference_run):
+  return serve.load(os.path.join(tiny_reference_run["workdir"], "export"), max_batch=8)
+
+
+def random_images(n, size=48, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+# =============================================================================
+# Python API and CLI
+# =============================================================================
+def test_every_image_form_gives_the_same_embedding(embedder, tmp_path):
+  images = random_images(3)
+  path = tmp_path / "x.png"
+  Image.fromarray(images[1]).save(path)
+  from_batch = embedder.embed_images(images)
+  assert from_batch.shape == (3, embedder.embed_dim) and from_batch.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(from_batch, axis=-1), 1.0, atol=1e-5)
+  mixed = embedder.embed_images([images[0], str(path), Image.fromarray(images[2]).convert("RGBA")])
+  np.testing.assert_allclose(mixed, from_batch, atol=1e-6)
+  preprocessed = embedder.preprocess_image(images[0])  # float [-1, 1] at model size is taken as is
+  np.testing.assert_allclose(embedder.embed_images(preprocessed[None]), from_batch[:1], atol=1e-6)
+
+
+def test_batching_and_padding_do_not_change_embeddings(embedder):
+  texts = [f"a red circle number {i}" for i in range(11)]  # 11 > max_batch 8: two chunks, padded
+  together = embedder.embed_texts(texts)
+  one_by_one = np.concatenate([embedder.embed_texts([t]) for t in texts])
+  np.testing.assert_allclose(together, one_by_one, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["fine", "   "], "texts[1] is empty"),
+    ("a string", "list of strings"),
+    ([3], "texts[0]: expected a string"),
+])
+def test_bad_texts_are_refused(embedder, bad, message):
+  with pytest.raises(serve.InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    embedder.embed_texts(bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((8, 8), np.uint8), "expected an RGB image"),
+    (np.zeros((5, 5, 3), np.float32), "float images must be preprocessed"),
+    (np.full((32, 32, 3), 3.0, np.float32), "must lie in"),
+    (b"not an image", "not a decodable image"),
+    ("/no/such/file.png", "cannot read image file"),
+])
+def test_bad_images_are_refused(embedder, bad, message):
+  with pytest.raises(serve.InputError, match=message):
+    embedder.embed_images([bad])
+
+
+def test_zero_shot_classifier(embedder):
+  names, templates = ["red circle", "blue square", "green star"], ["a {}.", "there is a {}."]
+  clf = embedder.zero_shot_classifier(names, templates)
+  prompts = embedder.embed_texts([t.format(n) for n in names for t in templates]).reshape(3, 2, -1)
+  mean = prompts.mean(axis=1)
+  np.testing.assert_allclose(clf.weights, mean / np.linalg.norm(mean, axis=-1, keepdims=True),
+                             atol=1e-6)
+  images = random_images(4)
+  logits = clf.logits(images)
+  assert logits.shape == (4, 3)
+  assert clf.predict(images) == [names[i] for i in logits.argmax(-1)]
+  assert embedder.zero_shot_classifier(names).weights.shape == (3, embedder.embed_dim)  # run's templates
+  np.testing.assert_array_equal(np.asarray(clf), clf.weights)  # usable as the [classes, D] matrix
+  with pytest.raises(serve.InputError, match="'{}'"):
+    embedder.zero_shot_classifier(names, ["no placeholder"])
+
+
+def test_embed_cli_on_two_devices(embedder, tiny_reference_run, tmp_path):
+  """`python -m ito_jax.serve embed` (images and a text file) in a process with 2 devices."""
+  images = random_images(3)
+  paths = []
+  for i, image in enumerate(images):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(image).save(paths[-1])
+  texts = ["a red circle", "two blue squares on the left"]
+  (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+  export_dir = os.path.join(tiny_reference_run["workdir"], "export")
+  script = (f"from ito_jax.serve.__main__ import main; import jax; assert jax.device_count() == 2; "
+            f"main(['embed', '--export={export_dir}', '--images', *{paths!r}, "
+            f"'--out={tmp_path / 'images.npy'}']); "
+            f"main(['embed', '--export={export_dir}', '--texts={tmp_path / 'texts.txt'}', "
+            f"'--out={tmp_path / 'texts.npy'}'])")
+  out = subprocess.run([sys.executable, "-c", script], cwd=tiny_run.ROOT, capture_output=True,
+                       text=True, timeout=tiny_run.TIMEOUT,
+                       env=tiny_run.env(tiny_reference_run["cache_dir"], devices=2))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "wrote 3 embeddings" in out.stdout and "wrote 2 embeddings" in out.stdout
+  np.testing.assert_allclose(np.load(tmp_path / "images.npy"), embedder.embed_images(images), atol=1e-6)
+  np.testing.assert_allclose(np.load(tmp_path / "texts.npy"), embedder.embed_texts(texts), atol=1e-6)
+
+
+# =============================================================================
+# HTTP service
+# =============================================================================
+LIMITS = serve_http.Limits(max_body_bytes=64 << 10, max_items=4, max_text_chars=80,
+                           max_image_bytes=16 << 10, max_image_pixels=128 * 128)
+
+
+@pytest.fixture(scope="module")
+def server(embedder):
+  srv = serve_http.start(embedder, port=0, limits=LIMITS, max_wait_ms=50.0)
+  yield srv
+  srv.shutdown()
+  srv.server_close()
+
+
+def request(server, method, path, body=None, headers=None):
+  host, port = server.server_address[:2]
+  conn = http.client.HTTPConnection(host, port, timeout=60)
+  try:
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+  finally:
+    conn.close()
+
+
+def post_json(server, path, payload):
+  return request(server, "POST", path, json.dumps(payload).encode(),
+                 {"Content-Type": "application/json"})
+
+
+def b64(data: bytes) -> str:
+  return base64.b64encode(data).decode()
+
+
+def test_http_embeddings_equal_the_api(server, embedder):
+  assert server.server_address[0] == "127.0.0.1"
+  texts = ["a red circle", "a blue square"]
+  status, body = post_json(server, "/embed/text", {"texts": texts})
+  assert status == 200
+  np.testing.assert_allclose(body["embeddings"], embedder.embed_texts(texts), atol=1e-6)
+  images = random_images(2)
+  status, body = post_json(server, "/embed/image", {"images": [b64(png_bytes(x)) for x in images]})
+  assert status == 200
+  np.testing.assert_allclose(body["embeddings"], embedder.embed_images(images), atol=1e-6)
+
+
+def test_concurrent_requests_share_forward_passes(server, embedder):
+  texts = [[f"a yellow star number {i}", f"a green cross number {i}"] for i in range(8)]
+  results = [None] * len(texts)
+
+  def client(i):
+    results[i] = post_json(server, "/embed/text", {"texts": texts[i]})
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  for i, (status, body) in enumerate(results):
+    assert status == 200
+    np.testing.assert_allclose(body["embeddings"], embedder.embed_texts(texts[i]), atol=1e-6)
+  assert server.batchers["text"].largest_batch > 2  # rows of several requests in one pass
+
+
+def _raw(server, data: bytes) -> tuple[int, dict]:
+  """Sends bytes as they are (for requests http.client will not make)."""
+  with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+    sock.sendall(data)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
+TINY_PNG = png_bytes(np.zeros((8, 8, 3), np.uint8))
+MALFORMED = {
+    "malformed JSON": ("/embed/text", b'{"texts": ["a red', 400, "malformed JSON"),
+    "body not UTF-8": ("/embed/text", b'\xff\xfe{"texts"', 400, "malformed JSON"),
+    "JSON not an object": ("/embed/text", b'["a red circle"]', 400, "JSON object"),
+    "missing field": ("/embed/text", b'{"text": ["a"]}', 400, "missing field 'texts'"),
+    "texts not a list": ("/embed/text", b'{"texts": "a red circle"}', 400, "'texts' must be a list"),
+    "text not a string": ("/embed/text", b'{"texts": ["ok", 7]}', 400, "texts[1] must be a string"),
+    "no texts": ("/embed/text", b'{"texts": []}', 400, "'texts' is empty"),
+    "empty text": ("/embed/text", b'{"texts": ["ok", " "]}', 400, "texts[1] is empty"),
+    "too many texts": ("/embed/text", json.dumps({"texts": ["a"] * 5}).encode(), 413,
+                       "5 texts exceed the limit of 4"),
+    "text too long": ("/embed/text", json.dumps({"texts": ["a" * 81]}).encode(), 413,
+                      "texts[0] has 81 characters"),
+    "bad base64": ("/embed/image", b'{"images": ["not*base64!"]}', 400, "images[0] is not valid base64"),
+    "not an image": ("/embed/image", json.dumps({"images": [b64(b"GIF? no, plain text")]}).encode(),
+                     400, "images[0] is not a decodable image"),
+    "image too many pixels": ("/embed/image", json.dumps(
+        {"images": [b64(TINY_PNG), b64(png_bytes(np.zeros((200, 200, 3), np.uint8)))]}).encode(),
+                              413, "images[1] is 200x200 pixels"),
+    "image too many bytes": ("/embed/image", json.dumps(
+        {"images": [b64(png_bytes(random_images(1, 96)[0]))]}).encode(), 413,
+                             "images[0] is over the limit of 16384 bytes"),
+    "body too large": ("/embed/text", json.dumps({"texts": ["a"] * 40000}).encode(), 413,
+                       "exceeds the limit of 65536"),
+    "unknown path": ("/embed/audio", b'{"texts": ["a"]}', 404, "no such path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_request_gets_4xx_and_server_stays_up(server, case):
+  path, body, want_status, message = MALFORMED[case]
+  status, reply = request(server, "POST", path, body, {"Content-Type": "application/json"})
+  assert status == want_status, reply
+  assert message in reply["error"], reply["error"]
+  status, health = request(server, "GET", "/health")
+  assert status == 200 and health["status"] == "ok"
+
+
+@pytest.mark.parametrize("raw, want_status, message", [
+    (b"POST /embed/text HTTP/1.1\r\nHost: x\r\n\r\n", 411, "Content-Length"),
+    (b"POST /embed/text HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400, "bad Content-Length"),
+    (b"PUT /embed/text HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, "PUT is not supported"),
+])
+def test_malformed_http_framing_gets_4xx(server, raw, want_status, message):
+  status, reply = _raw(server, raw)
+  assert status == want_status and message in reply["error"], reply
+  assert request(server, "GET", "/health")[0] == 200
+
+
+def test_load_test_reports_figures_with_no_errors(server):
+  report = loadtest.run(server.url, clients=3, seconds=1.0, kind="mixed", texts_per_request=2)
+  summary = report.summary()
+  assert report.errors == 0, report.first_error
+  assert report.requests > 3 and summary["requests_per_sec"] > 0
+  assert 0 < summary["latency_p50_ms"] <= summary["latency_p99_ms"] <= summary["latency_max_ms"]
+  assert "requests_per_sec" in report.table()
+  assert 1 <= summary["forward_passes"] <= report.requests  # read from the server's /health

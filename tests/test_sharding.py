@@ -1,0 +1,250 @@
+"""Sharded training: per-shard loss terms, mesh validation, 8 devices, 2 processes.
+
+This process keeps its own single CPU device. The checks that need 8 devices
+or 2 processes run helper scripts in subprocesses (tests/sharded_step_check.py,
+tests/multiprocess_check.py), each under a timeout and killed by its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import portpicker
+import pytest
+from flax import nnx
+
+from configs import common
+from ito_jax import distributed, objective, sharding
+from ito_jax.bench import random_batch
+from ito_jax.evaluate import gap
+from ito_jax.losses import contrastive, sharded
+from ito_jax.losses import fusion as fusion_losses
+from ito_jax.models.ito import ItoModel
+from sharded_step_check import tiny_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def unit(rng, *shape):
+  x = rng.normal(size=shape).astype(np.float32)
+  return jnp.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True))
+
+
+# =============================================================================
+# One shard (axis=None) is the single-device objective
+# =============================================================================
+def test_single_shard_terms_equal_the_reference_losses():
+  rng = np.random.default_rng(0)
+  img, txt, anchor = unit(rng, 6, 2, 8), unit(rng, 6, 3, 8), unit(rng, 6, 8)
+  scale, bias = jnp.float32(7.0), jnp.float32(-2.0)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  close(sharded.softmax_alignment(img, txt, scale, axis=None),
+        contrastive.softmax_loss(img, txt, scale))
+  close(sharded.sigmoid_alignment(img, txt, scale, bias, axis=None),
+        contrastive.sigmoid_loss(img, txt, scale, bias))
+  close(sharded.sigmoid_alignment_ring(img, txt, scale, bias, axis=None),
+        contrastive.sigmoid_loss(img, txt, scale, bias))
+  close(sharded.anchor_alignment(img[:, 0], txt[:, 0], anchor, scale, axis=None),
+        fusion_losses.anchor_loss(img[:, 0], txt[:, 0], anchor, scale)[0])
+  ours = sharded.saturation(img[:, 0], txt[:, 0], scale, axis=None)
+  theirs = gap.saturation(scale * img[:, 0] @ txt[:, 0].T)
+  for key in theirs:
+    close(ours[key], theirs[key])
+
+
+def test_mining_in_pools_is_mining_on_each_diagonal_block():
+  rng = np.random.default_rng(1)
+  sim = jnp.asarray(rng.normal(size=(6, 6)).astype(np.float32))
+  whole = sharded.mine_in_pools(sim, 6)
+  for ours, theirs in zip(whole, fusion_losses.mine_hard_negatives(sim)):
+    np.testing.assert_array_equal(ours, theirs)
+  neg_text, neg_image = sharded.mine_in_pools(sim, 3)
+  for start in (0, 3):
+    block = sim[start:start + 3, start:start + 3]
+    text, image = fusion_losses.mine_hard_negatives(block)
+    np.testing.assert_array_equal(neg_text[start:start + 3], np.asarray(text) + start)
+    np.testing.assert_array_equal(neg_image[start:start + 3], np.asarray(image) + start)
+
+
+def test_objective_without_mesh_equals_the_unsharded_formulation():
+  """compute_loss (per-shard terms on one shard, ITM pairs stacked per sample)
+  equals the objective assembled from the plain [B, B] losses."""
+  config = tiny_config("ito")
+  config.batch_size = 6
+  config.loss.itm_negative_pool = 0  # the whole batch, as fusion.itm_loss mines
+  with nnx.use_eager_sharding(False):
+    model = ItoModel(config.model, rngs=nnx.Rngs(0))
+  batch = {k: jnp.asarray(v) for k, v in random_batch(config).items()}
+
+  @nnx.jit
+  def both(model, batch):  # one compiled program: eager op-by-op is slow
+    loss, metrics = objective.compute_loss(model, batch, config)
+    out = objective.embed_batch(model, batch)
+    scale, head = model.logit_scale, model.fusion_head
+    img0, txt0 = out["image_emb"][:, 0], out["text_emb"][:, 0]
+    align = contrastive.softmax_loss(out["image_emb"], out["text_emb"], scale)
+    itm, _ = fusion_losses.itm_loss(head, out["text_tokens"], out["text_mask"],
+                                    out["image_tokens"], scale * img0 @ txt0.T)
+    fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])
+    anchor, _ = fusion_losses.anchor_loss(img0, txt0, head.anchor(fused), scale,
+                                          pull_weight=config.loss.anchor_pull_weight)
+    return loss, metrics, align, itm, anchor
+
+  loss, metrics, align, itm, anchor = both(model, batch)
+  np.testing.assert_allclose(metrics["loss/align"], align, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss/itm"], itm, rtol=1e-6)
+  np.testing.assert_allclose(
+      metrics["loss/anchor"] + config.loss.anchor_pull_weight * metrics["fusion/anchor_pull"],
+      anchor, rtol=1e-6)
+  np.testing.assert_allclose(loss, align + 0.5 * itm + 0.5 * anchor, rtol=1e-6)
+
+
+# =============================================================================
+# Mesh and config errors, before anything is built
+# =============================================================================
+@pytest.mark.parametrize("update,devices,match", [
+    (dict(mesh=dict(data=3, fsdp=1, tensor=1)), 8, r"config.mesh: \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices, but 8"),
+    (dict(mesh=dict(data=-1, fsdp=3, tensor=1)), 8, "config.mesh: fixed axes .* do not divide the 8 devices"),
+    (dict(batch_size=36, mesh=dict(data=2, fsdp=4, tensor=1)), 8, r"config.batch_size: 36 is not divisible by the 8 batch shards \(config.mesh.data x config.mesh.fsdp = 2 x 4"),
+    (dict(loss=dict(sharded=False, sigmoid_variant="ring")), 8, "config.loss.sigmoid_variant: 'ring' .* needs loss.sharded"),
+    (dict(loss=dict(itm_negative_pool=3)), 8, "config.loss.itm_negative_pool: ITM negatives are mined within pools of 3 samples, which must be >= 2 and divide the 4 samples"),
+    (dict(loss=dict(itm_negative_pool=0)), 32, "config.loss.itm_negative_pool: .* pools of 1 samples"),
+    (dict(logical_axis_rules=(("embed", "model"),)), 8, "config.logical_axis_rules: rule .* names a mesh axis outside"),
+])
+def test_invalid_mesh_settings_name_the_field(update, devices, match):
+  config = tiny_config("ito")  # batch 32, ITM pools of 4
+  config.mesh.data = -1
+  for key, value in update.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  with pytest.raises(common.ConfigError, match=match):
+    common.validate(config, num_devices=devices)
+
+
+@pytest.mark.parametrize("field,value,mesh_shape,match", [
+    ("model.image.width", 18, (2, 4, 1), "config.model.image.width: parameter image_(tower|proj)/.* has size 18 .*logical axis 'embed'.* config.mesh.fsdp=4"),
+    ("model.text.num_heads", 1, (2, 2, 2), "config.model.text.num_heads: parameter text_tower/.*logical axis 'heads'.* config.mesh.tensor=2"),
+    ("model.text.vocab_size", 63, (2, 2, 2), "config.model.text.vocab_size: .*config.mesh.tensor=2"),
+])
+def test_parameter_not_divisible_by_its_mesh_axis(field, value, mesh_shape, match):
+  config = tiny_config("ito")
+  section, _, name = field.rpartition(".")
+  config.model[section.split(".")[1]][name] = value
+  mesh = jax.sharding.AbstractMesh(mesh_shape, sharding.MESH_AXES)
+  with pytest.raises(ValueError, match=match):
+    sharding.check_divisible(config, mesh)
+  sharding.check_divisible(tiny_config("ito"), mesh)  # the unchanged config fits
+
+
+def test_distributed_start_up_decisions(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+              "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.multi_process_environment() is None
+  assert distributed.initialize("auto") is False  # a plain single process starts nothing
+  assert distributed.initialize("off", "127.0.0.1:1", 2, 0) is False
+  with pytest.raises(ValueError, match="go together"):
+    distributed.initialize("auto", "127.0.0.1:1234", None, 0)
+  with pytest.raises(ValueError, match="--process_id must be in"):
+    distributed.initialize("auto", "127.0.0.1:1234", 2, 2)
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+  assert distributed.multi_process_environment() == "Open MPI"
+
+
+# =============================================================================
+# Subprocesses: 8 simulated devices, 2 processes on loopback
+# =============================================================================
+def start(args, devices: int, fast_compile: bool = False):
+  """fast_compile: skip LLVM optimisation (about 40% less CPU for these tiny
+  programs); the SPMD partitioning under test is the same."""
+  flags = f"--xla_force_host_platform_device_count={devices}"
+  if fast_compile:
+    flags += " --xla_backend_optimization_level=0"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, *args], cwd=os.path.dirname(HERE), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout: float) -> list[dict]:
+  """Waits for proc (killed by its PID on timeout or error); its JSON lines."""
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == 0, err[-3000:]
+  return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_sharded_loss_holds_no_global_bxb_buffer():
+  """B = 4096, dim 64, 8 devices: a float32 [B, B] is 64 MiB, a device's
+  [B/8, B] rows 8 MiB. Value and gradient of alignment + saturation + anchor."""
+  results = finish(start([os.path.join(HERE, "sharded_step_check.py"), "memory"], 8), 300)
+  assert len(results) == 3
+  for r in results:
+    batch, local = r["batch"], r["batch"] // r["devices"]
+    print(f"memory {r['loss']}/{r['variant']}: per-device temp {r['sharded']['temp_mib']:.1f} MiB "
+          f"(alignment alone {r['sharded']['align_temp_mib']:.1f}), largest array "
+          f"{r['sharded']['largest_array']}; one device {r['one_device']['temp_mib']:.1f} MiB, "
+          f"largest {r['one_device']['largest_array']}; [B, B] = {r['global_bxb_mib']:.0f} MiB")
+    assert r["one_device"]["largest_array"] == [batch, batch]  # the check can see a [B, B]
+    assert np.prod(r["sharded"]["largest_array"]) <= local * batch
+    assert r["sharded"]["temp_mib"] < r["one_device"]["temp_mib"] / 4
+    assert r["sharded"]["align_temp_mib"] < r["global_bxb_mib"]
+  ring = next(r for r in results if r["variant"] == "ring")
+  assert np.prod(ring["sharded"]["align_largest_array"]) <= local * local * 4  # [b, b] blocks only
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_single_device_step():
+  """(8,1,1), (2,4,1), (2,2,2) x softmax, sigmoid gather, sigmoid ring, ITO
+  (fusion, ITM and anchor, M = N = 2): two steps from the same parameters."""
+  # About 100 s of CPU; the timeout leaves room for cores shared with other jobs.
+  results = finish(start([os.path.join(HERE, "sharded_step_check.py"), "step"], 8, True), 900)
+  assert {(r["objective"], tuple(r["mesh"])) for r in results} == {
+      (o, m) for o in ("softmax", "sigmoid_gather", "sigmoid_ring", "ito")
+      for m in ((8, 1, 1), (2, 4, 1), (2, 2, 2))}
+  for r in results:
+    print(f"step {r['objective']:>14} mesh {r['mesh']}: losses {r['losses']} vs "
+          f"{r['reference_losses']}, |d loss| {r['loss_max_abs_diff']:.2e}, "
+          f"|d param| {r['param_max_abs_diff']:.2e} (largest update {r['param_max_update']:.2e})")
+    # Losses of ~20 (sigmoid sums over a row) carry float32 rounding of ~1e-6 relative.
+    assert r["loss_max_abs_diff"] <= 1e-5 * max(1.0, max(map(abs, r["reference_losses"])))
+    assert r["param_max_abs_diff"] <= 1e-5
+    # The ViT MLP kernel [16, 32] ('embed', 'mlp'): split over fsdp and tensor on each
+    # device, after the step, in the parameter and both Adam moments.
+    _, fsdp, tensor = r["mesh"]
+    shapes = r["fc1_kernel_shard_shapes"]
+    assert len(shapes) == 3 and all(v == [16 // fsdp, 32 // tensor] for v in shapes.values()), shapes
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_trajectory():
+  port = portpicker.pick_unused_port()
+  script = os.path.join(HERE, "multiprocess_check.py")
+  workers = [start([script, "--num_processes=2", f"--process_id={i}", f"--port={port}"], 2, True)
+             for i in range(2)]
+  try:
+    results = [finish(proc, 600)[0] for proc in workers]
+  finally:
+    for proc in workers:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  reference = finish(start([script, "--num_processes=1"], 1, True), 600)[0]
+  print(f"2 processes x 2 devices, mesh {results[0]['mesh']}: {results[0]['losses']}; "
+        f"1 process, 1 device: {reference['losses']}")
+  assert [r["process_count"] for r in results] == [2, 2]
+  assert [r["devices"] for r in results] == [4, 4]
+  assert results[0]["losses"] == results[1]["losses"]  # one global computation
+  np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5, atol=1e-5)
+  assert reference["losses"][-1] < reference["losses"][0]  # it trains
