@@ -2,6 +2,12 @@
 
   python -m ito_jax.ablate --config=configs/ito_tiny_cpu.py --workdir=DIR
 
+Given a partially aligned config (`partial.enabled`), the same command runs
+the OT comparison instead (`ito_jax.ot_compare`: contrastive-only, +R_ot loop,
++R_ot barycenter) at each ρ of --aligned_fractions (default 0.05 and 0.2):
+
+  python -m ito_jax.ablate --config=configs/ot_partial_tiny_cpu.py --workdir=DIR
+
 Each variant is the given (full ITO) config with mechanisms switched off, and
 trains with the same seed, data and steps in DIR/<variant>. A variant whose
 eval.json exists is not trained again, so an interrupted ablation resumes.
@@ -91,8 +97,16 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required")
   from ito_jax import train
 
-  variants = FLAGS.variants or list(VARIANTS)
   workdir = FLAGS.workdir
+  if FLAGS.config.partial.enabled:
+    from ito_jax import ot_compare
+
+    variants = FLAGS.variants or list(ot_compare.VARIANTS)
+    fractions = [float(v) for v in FLAGS.aligned_fractions]
+    rows = ot_compare.compare(FLAGS.config, workdir, variants, fractions)
+    print(f"\n{os.path.join(workdir, 'ablation.md')}:\n{ot_compare.table(rows)}")
+    return
+  variants = FLAGS.variants or list(VARIANTS)
   # One data set for all variants: generated once under DIR/data.
   full = FLAGS.config
   if not full.data.data_dir:
@@ -120,5 +134,8 @@ if __name__ == "__main__":
   # variant logic next to other modules that define --config.
   config_flags.DEFINE_config_file("config", None, "The full-ITO config.")
   flags.DEFINE_string("workdir", None, "Directory for the four runs and the tables.")
-  flags.DEFINE_list("variants", None, "Subset of variants to run (default: all four).")
+  flags.DEFINE_list("variants", None, "Subset of variants to run (default: all four; for a "
+                    "partially aligned config: contrastive, loop, barycenter).")
+  flags.DEFINE_list("aligned_fractions", ["0.05", "0.2"],
+                    "Partially aligned configs only: the ρ values to compare.")
   app.run(main)

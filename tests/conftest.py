@@ -21,7 +21,7 @@ def tiny_reference_run(tmp_path_factory, request):
   import tiny_run
 
   base = tmp_path_factory.mktemp("tiny_reference")
-  cache = request.config.cache
+  cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
   cache_dir = str(cache.mkdir("jax_compilation_cache") if cache else base / "jax_cache")
   run = dict(workdir=str(base / "run"), data_dir=str(base / "data"),
              cache_dir=cache_dir, log=str(base / "run.log"))

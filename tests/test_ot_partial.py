@@ -370,3 +370,21 @@ def test_ot_compare_writes_one_row_per_run(tmp_path):
   # Both runs read one tokenizer.
   tok = lambda run: (tmp_path / run / "tokenizer.model").read_bytes()
   assert tok("rho0.2_contrastive") == tok("rho0.2_loop")
+
+
+@pytest.mark.slow
+def test_ablate_command_runs_the_ot_comparison_for_a_partial_config(tmp_path):
+  """`python -m ito_jax.ablate --config=configs/ot_partial_tiny_cpu.py` is the
+  issue's command: with partial.enabled it dispatches to ot_compare."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "ito_jax.ablate", "--config=configs/ot_partial_tiny_cpu.py:runlocal",
+         f"--workdir={tmp_path}", "--variants=contrastive", "--aligned_fractions=0.2",
+         "--config.total_steps=2", "--config.eval_every_steps=2", "--config.log_every_steps=2"]
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads((tmp_path / "ablation.json").read_text())
+  assert [(r["aligned_fraction"], r["run"]) for r in saved["runs"]] == [(0.2, "contrastive")]
+  assert "ZS unseen" in (tmp_path / "ablation.md").read_text()
