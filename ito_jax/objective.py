@@ -113,8 +113,13 @@ def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict
       if fused is None:
         fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])  # [B, W]
       anchors = head.anchor(fused)  # [B, E]
+      # The anchor contrast reads the temperature but does not train it: the
+      # fused anchor sees both modalities, so its contrast is easier than the
+      # image-text one and, left to it, drives the shared logit scale higher
+      # than L_align wants (tiny_cpu: temperature 0.072 alone, 0.039 with it).
       anchor = on_shards(sharded.anchor_alignment, in_specs=(BATCH,) * 3 + (REPLICATED,),
-                         out_specs=REPLICATED)(image0, text0, anchors, scale)
+                         out_specs=REPLICATED)(image0, text0, anchors,
+                                               jax.lax.stop_gradient(scale))
       # A per-sample mean: GSPMD keeps it sharded, no shard_map needed.
       pull = fusion_losses.anchor_pull(image0, text0, anchors)
       loss = loss + l.anchor_weight * (anchor + l.anchor_pull_weight * pull)

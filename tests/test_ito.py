@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs import ito_tiny_cpu
 from ito_jax import objective
-from ito_jax.ablate import VARIANTS, variant_config
+from ito_jax.ablate import TABLE_KEYS, VARIANTS, markdown_table, over_seeds, variant_config
 from ito_jax.losses import fusion as fusion_losses
 from ito_jax.models.ito import ItoModel, count_params, encoder_filter
 
@@ -94,6 +94,27 @@ def test_objective_adds_weighted_fusion_losses(config, inputs):
   assert "loss/itm" not in m_base and float(loss_base) == pytest.approx(float(m_base["loss/align"]))
 
 
+def test_anchor_loss_does_not_train_the_temperature(config, inputs):
+  """The anchor contrast reads the logit scale under stop_gradient: adding it
+  leaves the temperature's gradient exactly that of the alignment loss, while
+  it still moves the towers."""
+  images, tokens = inputs
+  batch = {"images": jnp.stack([images, images[::-1]], axis=1),
+           "tokens": jnp.stack([tokens, tokens], axis=1)}
+
+  def grads(anchor_weight):
+    c = config.copy_and_resolve_references()
+    c.loss.itm_weight = 0.0
+    c.loss.anchor_weight = anchor_weight
+    return nnx.grad(lambda m: objective.compute_loss(m, batch, c)[0])(build(c.model))
+
+  with_anchor, without = grads(1.0), grads(0.0)
+  np.testing.assert_array_equal(with_anchor["log_scale"][...], without["log_scale"][...])
+  assert float(with_anchor["log_scale"][...]) != 0.0
+  diff = jax.tree.map(lambda a, b: a - b, with_anchor["image_tower"], without["image_tower"])
+  assert optax_norm(diff) > 1e-6
+
+
 def test_ablation_variants_switch_the_right_mechanisms(config):
   got = {v: variant_config(config, v) for v in VARIANTS}
   views = {v: (c.loss.num_image_views, c.loss.num_text_views) for v, c in got.items()}
@@ -102,3 +123,16 @@ def test_ablation_variants_switch_the_right_mechanisms(config):
   assert fusion == {"baseline": False, "multi_align": False, "fusion": True, "ito": True}
   for v, c in got.items():
     assert (c.total_steps, c.seed, c.data.num_train) == (config.total_steps, config.seed, config.data.num_train)
+
+
+def test_ablation_over_seeds_reports_mean_and_spread():
+  per_seed = {0: {k: 0.1 for k in TABLE_KEYS}, 1: {k: 0.3 for k in TABLE_KEYS}}
+  per_seed[1]["step"] = 600  # a figure missing from one seed is not averaged
+  got = over_seeds(per_seed)
+  assert got["retrieval/i2t_r1"] == pytest.approx(0.2)
+  assert got["std/retrieval/i2t_r1"] == pytest.approx(0.1)
+  assert "step" not in got and set(got["per_seed"]) == {"0", "1"}
+  row = markdown_table({"ito": got}).splitlines()[2]
+  assert row.startswith("| ito | 0.200 ± 0.100 |")
+  single = over_seeds({0: per_seed[0]})
+  assert single == per_seed[0] and "±" not in markdown_table({"ito": single})
