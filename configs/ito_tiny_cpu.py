@@ -16,4 +16,8 @@ def get_config(arg=None):
   c.loss.num_text_views = 2
   c.loss.itm_weight = 1.0
   c.loss.anchor_weight = 1.0
+  # mean(1 - cos) of each embedding to its fused anchor. At 1.0 the held-out
+  # centroid gap fell 24% in 600 steps; at 5.0 (with the anchor contrast no
+  # longer training the temperature) it falls by about two thirds.
+  c.loss.anchor_pull_weight = 5.0
   return c
