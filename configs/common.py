@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   #   weights                barycenter: per-measure weights w_k (length K); None = uniform.
   #   barycenter_size        barycenter: support points of nu*; None = mean measure size.
   #   barycenter_iterations  barycenter: outer fixed-point iterations for nu*.
+  #   min_points             fewest points per measure; fewer is an error naming this field.
+  #   marginal_tolerance     L1 marginal error (rows + columns) above which a solve counts as not converged
+  #                          (logged as ot/unconverged and ot/marginal_error; counted, not fatal).
   c.ot = ot_lib.default_config()
   # Typed None so that --config.ot.weights='(1, 2)' / --config.ot.barycenter_size=N parse.
   c.ot.weights = ml_collections.FieldReference(None, field_type=tuple)
@@ -368,3 +371,8 @@ def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num
     ot_lib.validate_config(ot_solver_config(c), num_measures=num_measures, total_points=total_points)
   except ValueError as e:  # already "config.ot.FIELD: ..."
     raise ConfigError(str(e)) from None
+  if c.loss.ot_weight:
+    per_measure = total_points // num_measures
+    _require(per_measure >= c.ot.min_points, "ot.min_points",
+             f"each R_ot measure gets {per_measure} points per step "
+             f"({'partial.unaligned_batch_size' if p.enabled else 'batch_size'}), fewer than {c.ot.min_points}")

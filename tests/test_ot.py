@@ -205,7 +205,7 @@ def test_barycenter_of_identical_and_of_noisy_copies(cost, epsilon):
     ("variant", "ring"), ("cost", "l1"), ("epsilon", 0.0), ("epsilon", -0.1),
     ("num_iterations", 0), ("num_iterations", -3), ("gamma", -1.0),
     ("weights", (1.0,)), ("weights", (1.0, -1.0)), ("barycenter_size", 0),
-    ("barycenter_iterations", 0),
+    ("barycenter_iterations", 0), ("min_points", 0), ("marginal_tolerance", 0.0),
 ])
 def test_invalid_config_names_the_field(field, bad):
   xs = [jnp.zeros((4, 3)), jnp.ones((4, 3))]
@@ -221,7 +221,24 @@ def test_invalid_measures_and_unknown_fields_are_rejected():
     ot.ot_regularizer(xs[:1], ot.default_config())
   with pytest.raises(ValueError, match="measures"):
     ot.ot_regularizer([jnp.ones((4, 3)), jnp.ones((4, 2))], ot.default_config())
+  with pytest.raises(ValueError, match=r"measures\[1\]: 1 points, fewer than config\.ot\.min_points = 2"):
+    ot.ot_regularizer([jnp.ones((4, 3)), jnp.ones((1, 3))], ot.default_config())
   cfg = ot.default_config()
   cfg.epsilom = 0.1
   with pytest.raises(ValueError, match=r"config\.ot\.epsilom:"):
     ot.ot_regularizer(xs, cfg)
+
+
+@pytest.mark.parametrize("variant", ot.VARIANTS)
+def test_unconverged_solves_are_counted(variant):
+  """One Sinkhorn iteration at a small eps leaves the row marginals far off:
+  every solve counts as unconverged. 300 iterations at a moderate eps converge."""
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  xs = [jnp.asarray(unit(rng.normal(size=(16, 8))), jnp.float32),
+        jnp.asarray(unit(rng.normal(size=(12, 8))), jnp.float32)]
+  _, rough = ot.ot_regularizer(xs, _config(variant=variant, epsilon=0.01, num_iterations=1))
+  solves = 1 if variant == "loop" else 2  # K = 2: one loop solve (its transpose is reused)
+  assert float(rough["unconverged"]) == solves and float(rough["marginal_error"]) > 1e-2
+  _, done = ot.ot_regularizer(xs, _config(variant=variant, epsilon=0.2, num_iterations=300))
+  assert float(done["unconverged"]) == 0 and float(done["marginal_error"]) < 1e-3

@@ -33,6 +33,12 @@ Config (`default_config()`; every field is read):
                          positive, normalised to sum 1); None = uniform.
   barycenter_size        barycenter: support points of nu*; None = mean n_k.
   barycenter_iterations  barycenter: outer fixed-point iterations for nu*.
+  min_points             fewest points a measure may have (>= 1); a smaller
+                         measure is a ValueError naming this field.
+  marginal_tolerance     a solve whose plan misses its marginals by more than
+                         this (L1, rows + columns) after num_iterations counts as not
+                         converged: aux `unconverged` (count of solves) and
+                         `marginal_error` (the largest); counted, not fatal.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from ott.solvers.linear import continuous_barycenter, sinkhorn
 VARIANTS = ("loop", "barycenter")
 COSTS = ("cosine", "sqeuclidean")
 _FIELDS = ("variant", "cost", "epsilon", "num_iterations", "gamma", "weights",
-           "barycenter_size", "barycenter_iterations")
+           "barycenter_size", "barycenter_iterations", "min_points", "marginal_tolerance")
 
 Aux = Dict[str, jax.Array]
 
@@ -69,6 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.weights = None  # barycenter only; None = uniform over the K measures.
   c.barycenter_size = None  # barycenter only; None = mean of the n_k.
   c.barycenter_iterations = 10
+  c.min_points = 2  # one point carries no distribution to align
+  c.marginal_tolerance = 1e-2
   return c
 
 
@@ -109,6 +117,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_measures: int | None = N
   _require(_is_real(cfg.gamma) and cfg.gamma >= 0, "gamma", f"must be >= 0, got {cfg.gamma!r}", prefix)
   _require(_is_int(cfg.barycenter_iterations) and cfg.barycenter_iterations >= 1,
            "barycenter_iterations", f"must be an integer >= 1, got {cfg.barycenter_iterations!r}", prefix)
+  _require(_is_int(cfg.min_points) and cfg.min_points >= 1, "min_points",
+           f"must be an integer >= 1, got {cfg.min_points!r}", prefix)
+  _require(_is_real(cfg.marginal_tolerance) and cfg.marginal_tolerance > 0, "marginal_tolerance",
+           f"must be a positive number, got {cfg.marginal_tolerance!r}", prefix)
   size = cfg.barycenter_size
   _require(size is None or (_is_int(size) and size >= 1), "barycenter_size",
            f"must be None or an integer >= 1, got {size!r}", prefix)
@@ -193,6 +205,21 @@ def wasserstein(x: jax.Array, y: jax.Array, *, cost: str, epsilon: float, num_it
 # ---- loop variant -------------------------------------------------------------
 
 
+def convergence(plans: Sequence[jax.Array], tolerance: float) -> Aux:
+  """How far the plans [n, m] (uniform marginals) are from their marginals
+  after the fixed iteration budget, under stop_gradient: `marginal_error`
+  (the largest L1 error, rows plus columns) and `unconverged` (how many plans
+  exceed `tolerance`). Sinkhorn's last half-step fits one side exactly, so
+  the other side carries the remaining error."""
+  def error(p):
+    rows = jnp.sum(jnp.abs(jnp.sum(p, axis=1) - 1.0 / p.shape[0]))
+    cols = jnp.sum(jnp.abs(jnp.sum(p, axis=0) - 1.0 / p.shape[1]))
+    return rows + cols
+  errors = jnp.stack([error(p) for p in jax.lax.stop_gradient(list(plans))])
+  return {"marginal_error": jnp.max(errors),
+          "unconverged": jnp.sum(errors > tolerance).astype(jnp.float32)}
+
+
 def row_stochastic(plan: jax.Array) -> jax.Array:
   """The plan as a map: row i is where point i goes (rows sum to 1)."""
   return plan / jnp.sum(plan, axis=1, keepdims=True)
@@ -239,6 +266,7 @@ def loop_regularizer(measures: Sequence[jax.Array], cfg: ml_collections.ConfigDi
   aux["wasserstein"] = sum(values)
   # With gamma == 0 the plans are under stop_gradient: logged, not trained.
   aux["cycle"] = cycle_consistency(plans)
+  aux.update(convergence(plans[:1] if num == 2 else plans, cfg.marginal_tolerance))
   return aux["wasserstein"] + cfg.gamma * aux["cycle"], aux
 
 
@@ -333,11 +361,13 @@ def barycenter_regularizer(measures: Sequence[jax.Array],
   measures = _check_measures(measures)
   support = free_support_barycenter(measures, cfg)
   weights = _measure_weights(cfg, len(measures))
-  aux = {}
+  aux, plans = {}, []
   for k, x in enumerate(measures):
-    aux[f"w_{k}"], _ = wasserstein(x, support, cost=cfg.cost, epsilon=cfg.epsilon,
-                                   num_iterations=cfg.num_iterations)
+    aux[f"w_{k}"], plan = wasserstein(x, support, cost=cfg.cost, epsilon=cfg.epsilon,
+                                      num_iterations=cfg.num_iterations)
+    plans.append(plan)
   aux["wasserstein"] = sum(w * aux[f"w_{k}"] for k, w in enumerate(weights))
+  aux.update(convergence(plans, cfg.marginal_tolerance))
   return aux["wasserstein"], aux
 
 
@@ -347,6 +377,10 @@ def barycenter_regularizer(measures: Sequence[jax.Array],
 def ot_regularizer(measures: Sequence[jax.Array], cfg: ml_collections.ConfigDict) -> Tuple[jax.Array, Aux]:
   """R_ot for measures [n_k, dim] (K >= 2), by `cfg.variant`; returns (value, aux)."""
   validate_config(cfg, num_measures=len(measures))
+  for k, x in enumerate(measures):
+    if jnp.ndim(x) == 2 and x.shape[0] < cfg.min_points:
+      raise ValueError(f"measures[{k}]: {x.shape[0]} points, fewer than config.ot.min_points = "
+                       f"{cfg.min_points}")
   if cfg.variant == "loop":
     return loop_regularizer(measures, cfg)
   return barycenter_regularizer(measures, cfg)
