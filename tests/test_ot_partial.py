@@ -315,6 +315,9 @@ def test_evaluator_reports_seen_and_unseen_keys(built):
     ("ot.variant", "ring", "config.ot.variant: expected one of"),
     ("ot.weights", (1.0, 1.0, 1.0), "config.ot.weights: has 3 entries for 2 measures"),
     ("ot.barycenter_size", 1000, "config.ot.barycenter_size: 1000 exceeds the 256 points"),
+    ("ot.min_points", 200, "config.ot.min_points: each R_ot measure gets 128 points per step "
+                           "(partial.unaligned_batch_size), fewer than 200"),
+    ("ot.marginal_tolerance", -1.0, "config.ot.marginal_tolerance: must be a positive number"),
 ])
 def test_invalid_partial_and_ot_fields_name_the_field(field, value, match):
   c = ot_partial_tiny_cpu.get_config()
