@@ -7,7 +7,7 @@
   python -m ito_jax.data.convert --kind=tfds --input=~/tensorflow_datasets/cifar10/3.0.2 --split=test \\
       --caption_template='a photo of a {}.' --output=OUT
 
-Inputs:
+Inputs (readers in `ito_jax.data.convert_inputs`):
 * folder: images under --input and a captions file (JSONL or CSV, default
   DIR/captions.jsonl or DIR/captions.csv). A row names its `image` (path
   relative to DIR; also `file`, `file_name`, `filename`, `path`), a `caption`
@@ -39,24 +39,18 @@ it records are copied as they are, and training skips and counts the bad ones.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import glob
 import json
 import multiprocessing
 import os
-import tarfile
-from typing import Iterator
-import zlib
 
 from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from ito_jax.data import records, sources
+from ito_jax.data.convert_inputs import KINDS, make_input
 
-KINDS = ('folder', 'tar', 'tfds')
-IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 EXAMPLES_KEPT = 5
 
 
@@ -80,192 +74,6 @@ def _write_json(path: str, value) -> None:
   with open(tmp, 'w') as f:
     json.dump(value, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------- inputs
-class FolderInput:
-  """Images in a directory with a JSONL or CSV captions file."""
-
-  def __init__(self, root: str, captions_file: str = '', class_names=None):
-    self.root = os.path.abspath(root)
-    self.captions_file = captions_file or self._default_captions_file()
-    rows, self.malformed = self._read_rows()
-    by_id: dict[str, dict] = {}
-    for row in rows:  # rows of one id (by default: one image) add up
-      entry = by_id.setdefault(row['id'], {'image': row['image'], 'id': row['id'],
-                                              'captions': [], 'label': row['label']})
-      entry['captions'] += row['captions']
-      if entry['label'] is None:
-        entry['label'] = row['label']
-    self.entries = list(by_id.values())
-    self.num_records = len(self.entries)
-    string_labels = sorted({e['label'] for e in self.entries if isinstance(e['label'], str)})
-    self.class_names = list(class_names) if class_names else string_labels
-    for e in self.entries:
-      if isinstance(e['label'], str):
-        if e['label'] not in self.class_names:
-          raise ValueError(f'{self.captions_file}: label {e["label"]!r} of {e["image"]!r} is not '
-                           f'among the class names {self.class_names}')
-        e['label'] = self.class_names.index(e['label'])
-
-  def __getstate__(self):
-    # Each task carries its own entries; workers need only the root.
-    return {**self.__dict__, 'entries': None}
-
-  def _default_captions_file(self) -> str:
-    for name in ('captions.jsonl', 'captions.csv'):
-      if os.path.exists(os.path.join(self.root, name)):
-        return os.path.join(self.root, name)
-    raise FileNotFoundError(f'no captions.jsonl or captions.csv in {self.root}; pass --captions')
-
-  def _read_rows(self) -> tuple[list[dict], list[str]]:
-    """Rows as {image, id, captions: [str], label}; malformed ones as 'file:line'."""
-    rows, malformed = [], []
-    # surrogateescape keeps bytes that are not UTF-8, for the record checks to judge.
-    with open(self.captions_file, encoding='utf-8', errors='surrogateescape', newline='') as f:
-      if self.captions_file.endswith('.csv'):
-        items = ((reader.line_num, row) for reader in [csv.DictReader(f)] for row in reader)
-      else:
-        items = ((n, line) for n, line in enumerate(f, 1) if line.strip())
-      for line_no, item in items:
-        try:
-          row = json.loads(item) if isinstance(item, str) else item
-          if not isinstance(row, dict):
-            raise ValueError('not an object')
-        except ValueError:
-          malformed.append(f'{os.path.basename(self.captions_file)}:{line_no}')
-          continue
-        image = next((row[k] for k in ('image', 'file', 'file_name', 'filename', 'path')
-                      if row.get(k)), None)
-        caption = next((row[k] for k in ('captions', 'caption', 'text') if row.get(k) is not None), None)
-        captions = [] if caption is None else [caption] if isinstance(caption, str) else list(caption)
-        label = row.get('label')
-        if isinstance(label, str) and label.strip().lstrip('-').isdigit():
-          label = int(label)  # CSV gives strings
-        rows.append({'image': image or f'<row {line_no}>',
-                     'id': str(row.get('id') or image or f'row{line_no}'),
-                     'captions': [str(c) for c in captions], 'label': label if label != '' else None})
-    return rows, malformed
-
-  def tasks(self, records_per_shard: int) -> list:
-    n = max(1, -(-len(self.entries) // records_per_shard))
-    return [self.entries[i * records_per_shard:(i + 1) * records_per_shard] for i in range(n)]
-
-  def read(self, entries) -> Iterator[records.RawRecord]:
-    for e in entries:
-      path = os.path.join(self.root, e['image'])
-      image = None
-      if os.path.isfile(path):
-        with open(path, 'rb') as f:
-          image = f.read()
-      yield records.RawRecord(id=e['id'], image=image, label=e['label'],
-                              captions=[records.to_bytes(c) for c in e['captions']] or None)
-
-  def describe(self) -> dict:
-    return {'root': self.root, 'captions_file': os.path.abspath(self.captions_file),
-            'records': len(self.entries)}
-
-
-class TarInput:
-  """Webdataset-style tar shards, one output shard each."""
-
-  def __init__(self, pattern: str):
-    self.tars = sorted(glob.glob(os.path.join(pattern, '*.tar*')) if os.path.isdir(pattern)
-                       else glob.glob(pattern))
-    if not self.tars:
-      raise FileNotFoundError(f'no tar files match {pattern!r}')
-    self.class_names, self.malformed, self.num_records = [], [], None
-
-  def tasks(self, records_per_shard: int) -> list:
-    del records_per_shard
-    return list(self.tars)
-
-  def read(self, tar_path: str) -> Iterator[records.RawRecord]:
-    group, key = {}, None
-    try:
-      with tarfile.open(tar_path, 'r|*') as tar:  # streaming: members in order
-        for member in tar:
-          if not member.isfile():
-            continue
-          directory, base = os.path.split(member.name)
-          if base.startswith('.') or '.' not in base:
-            continue
-          stem, ext = base.split('.', 1)
-          member_key = os.path.join(directory, stem)
-          if member_key != key and group:
-            yield self._record(key, group)
-            group = {}
-          key = member_key
-          group[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-      # A truncated or damaged tar (a common end of an interrupted download):
-      # keep what came before, count the rest as one corrupt record.
-      group = {}
-      yield records.RawRecord(id=f'{os.path.basename(tar_path)}@{key}',
-                              corrupt=f'{type(e).__name__}: {e}')
-    if group:
-      yield self._record(key, group)
-
-  @staticmethod
-  def _record(key: str, group: dict[str, bytes]) -> records.RawRecord:
-    image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
-    captions, label = None, None
-    if 'txt' in group:
-      captions = [group['txt']]  # raw bytes: the record checks judge the encoding
-    if 'json' in group:
-      try:
-        meta = json.loads(group['json'])
-      except ValueError:
-        meta = {}  # unreadable metadata: the record counts as missing what it held
-      if isinstance(meta, dict):
-        value = next((meta[k] for k in ('captions', 'caption', 'text') if meta.get(k) is not None), None)
-        if value is not None and captions is None:
-          captions = [records.to_bytes(v if isinstance(v, str) else str(v))
-                      for v in ([value] if isinstance(value, str) else value)]
-        if isinstance(meta.get('label'), int):
-          label = meta['label']
-    if 'cls' in group:
-      try:
-        label = int(group['cls'].decode().strip())
-      except (UnicodeDecodeError, ValueError):
-        pass
-    return records.RawRecord(id=key, image=image, captions=captions, label=label)
-
-  def describe(self) -> dict:
-    return {'tars': [os.path.abspath(t) for t in self.tars]}
-
-
-class TfdsInput:
-  """One split of a TFDS data set prepared as array_record."""
-
-  def __init__(self, name_or_dir: str, split: str, data_dir: str | None = None, image_key: str = '',
-               caption_key: str = '', label_key: str = '', id_key: str = ''):
-    builder = sources.open_tfds(name_or_dir, data_dir)
-    self.builder_dir = str(builder.data_dir)
-    self.split = split
-    self.fields = sources.TfdsFields.detect(builder.info.features, image=image_key,
-                                            captions=caption_key, label=label_key, id=id_key)
-    source = sources.TfdsSource(builder, split, self.fields)
-    self.num_records, self.class_names, self.malformed = len(source), source.class_names, []
-    self._source = None  # opened per process (workers rebuild it from builder_dir)
-
-  def __getstate__(self):
-    return {**self.__dict__, '_source': None}
-
-  def tasks(self, records_per_shard: int) -> list:
-    n = max(1, -(-self.num_records // records_per_shard))
-    return [(i * records_per_shard, min(self.num_records, (i + 1) * records_per_shard))
-            for i in range(n)]
-
-  def read(self, span) -> Iterator[records.RawRecord]:
-    if self._source is None:
-      self._source = sources.TfdsSource(sources.open_tfds(self.builder_dir), self.split, self.fields)
-    for i in range(*span):
-      yield self._source[i]
-
-  def describe(self) -> dict:
-    return {'builder_dir': self.builder_dir, 'split': self.split,
-            'fields': dataclasses.asdict(self.fields), 'records': self.num_records}
 
 
 # ----------------------------------------------------------------- one shard
@@ -323,17 +131,6 @@ def _run_task(args) -> dict:
 
 
 # ----------------------------------------------------------------- the whole conversion
-def make_input(kind: str, input_path: str, *, captions: str = '', split: str = 'train',
-               tfds_data_dir: str | None = None, class_names=None, **tfds_keys):
-  if kind == 'folder':
-    return FolderInput(input_path, captions, class_names)
-  if kind == 'tar':
-    return TarInput(input_path)
-  if kind == 'tfds':
-    return TfdsInput(input_path, split, tfds_data_dir, **tfds_keys)
-  raise ValueError(f'--kind: unknown input kind {kind!r}; expected one of {KINDS}')
-
-
 def convert(kind: str, input_path: str, output: str, options: Options = Options(),
             num_workers: int = 1, progress: bool = True, **input_args) -> dict:
   """Converts and returns the manifest (also written to OUTPUT/manifest.json).
