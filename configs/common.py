@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   # samples when sharded, else the whole batch). Set it to compare runs on different meshes.
   l.itm_negative_pool = 0
   l.ot_weight = 0.0  # λ_ot: weight of the OT regularizer R_ot (c.ot); 0 turns it off (contrastive only).
+  # Partial mode: weight of a contrast on the unaligned batches whose soft targets
+  # are R_ot's image-text coupling (objective_ot.plan_contrast); 0 turns it off.
+  l.ot_plan_contrast_weight = 0.0
 
   # ---- OT regularizer R_ot (DESIGN.md "R_ot"; ito_jax/losses/ot.py) ----------
   # Measures: with partial.enabled, the image and the text embeddings of the
@@ -342,6 +345,10 @@ def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num
   from ito_jax.data import synthetic  # lazy: the data layer is heavier than the config
 
   _require(c.loss.ot_weight >= 0, "loss.ot_weight", f"must be >= 0, got {c.loss.ot_weight}")
+  _require(c.loss.ot_plan_contrast_weight >= 0, "loss.ot_plan_contrast_weight",
+           f"must be >= 0, got {c.loss.ot_plan_contrast_weight}")
+  _require(not c.loss.ot_plan_contrast_weight or c.partial.enabled, "loss.ot_plan_contrast_weight",
+           "needs partial.enabled (it pairs the unaligned batches)")
   _require(isinstance(c.ot.start_step, int) and c.ot.start_step >= 0, "ot.start_step",
            f"must be a non-negative integer, got {c.ot.start_step!r}")
   for field in ("include_aligned", "debias"):
@@ -371,7 +378,7 @@ def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num
     ot_lib.validate_config(ot_solver_config(c), num_measures=num_measures, total_points=total_points)
   except ValueError as e:  # already "config.ot.FIELD: ..."
     raise ConfigError(str(e)) from None
-  if c.loss.ot_weight:
+  if c.loss.ot_weight or c.loss.ot_plan_contrast_weight:
     per_measure = total_points // num_measures
     _require(per_measure >= c.ot.min_points, "ot.min_points",
              f"each R_ot measure gets {per_measure} points per step "

@@ -126,7 +126,7 @@ def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict
       metrics["loss/anchor"] = anchor
       metrics["fusion/anchor_pull"] = pull
 
-  if config.loss.ot_weight:
+  if config.loss.ot_weight or config.loss.ot_plan_contrast_weight:
     ot_term, ot_metrics = objective_ot.ot_loss(model, batch, out, config, step)
     loss = loss + ot_term
     metrics.update(ot_metrics)

@@ -85,7 +85,7 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
   # A constant stand-in keeps Sinkhorn finite; `where` sends zero cotangent to x.
   xs = [jnp.where(finite, x, jnp.full_like(x, x.shape[-1] ** -0.5)) for x in xs]
   solver = common.ot_solver_config(config)
-  value, aux = ot_lib.ot_regularizer(xs, solver)
+  value, aux, coupling = ot_lib.ot_regularizer_and_coupling(xs, solver)
   if config.ot.debias:
     self_terms = self_transport(xs, solver)
     value = value - sum(self_terms)
@@ -94,8 +94,41 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
   weight = config.loss.ot_weight * gate * finite.astype(jnp.float32)
   value = jnp.where(jnp.isfinite(value), value, 0.0)
   metrics = {"loss/ot": value, "ot/weight": weight, "ot/nonfinite_points": bad}
+  term = weight * value
+  if config.loss.ot_plan_contrast_weight:
+    contrast, contrast_aux = plan_contrast(xs[0], xs[1], coupling, jax.lax.stop_gradient(model.logit_scale))
+    contrast = jnp.where(jnp.isfinite(contrast), contrast, 0.0)
+    term = term + config.loss.ot_plan_contrast_weight * gate * finite.astype(jnp.float32) * contrast
+    metrics["loss/ot_plan_contrast"] = contrast
+    metrics.update({f"ot/{k}": v for k, v in contrast_aux.items()})
   metrics.update({f"ot/{k}": jax.lax.stop_gradient(v) for k, v in aux.items()})
   if config.partial.enabled:
     gap = jnp.mean(xs[0], axis=0) - jnp.mean(xs[1], axis=0)
     metrics["gap/unaligned_centroid_distance"] = jnp.linalg.norm(jax.lax.stop_gradient(gap))
-  return weight * value, metrics
+  return term, metrics
+
+
+def plan_contrast(image: jax.Array, text: jax.Array, coupling: jax.Array, scale: jax.Array):
+  """InfoNCE on the unaligned batches with the OT coupling as soft targets.
+
+  image [U, E] and text [V, E] are L2-normalised embeddings of *unrelated*
+  batches; coupling [U, V] (no gradient) is R_ot's plan between them. Each
+  image's target distribution over the texts is its row of the plan rescaled
+  to sum 1, and each text's over the images its column; the loss is the
+  cross-entropy of the scaled similarities against those targets, both ways
+  (a pseudo-labelled contrast, as in OT self-labelling). Unlike W_eps, which
+  only pulls each point towards its plan-weighted partners, it also pushes
+  the non-partners away, and the plan's balanced marginals keep every point
+  of both batches in play. The temperature is read, not trained (as in the
+  fused-anchor contrast). Returns (loss, aux).
+  """
+  logits = scale * image @ text.T  # [U, V]
+  rows = coupling / jnp.maximum(jnp.sum(coupling, axis=1, keepdims=True), 1e-30)
+  cols = coupling.T / jnp.maximum(jnp.sum(coupling, axis=0)[:, None], 1e-30)
+  i2t = -jnp.mean(jnp.sum(rows * jax.nn.log_softmax(logits, axis=1), axis=1))
+  t2i = -jnp.mean(jnp.sum(cols * jax.nn.log_softmax(logits.T, axis=1), axis=1))
+  entropy = -jnp.mean(jnp.sum(rows * jnp.log(jnp.maximum(rows, 1e-30)), axis=1))
+  # The loss minus the targets' entropy is the KL to the targets: 0 when the
+  # model's own softmax already reproduces the plan.
+  return 0.5 * (i2t + t2i), {"plan_target_entropy": entropy,
+                             "plan_top1_mass": jnp.mean(jnp.max(rows, axis=1))}

@@ -4,7 +4,8 @@
   python -m ito_jax.ot_compare --config=... --workdir=DIR --aligned_fractions=0.05,0.2
 
 Every run uses the same config, seed, data set, split, tokenizer and step
-count; only the objective differs (`loss.ot_weight = 0`, or `ot.variant`).
+count; only the objective differs (`loss.ot_weight = loss.ot_plan_contrast_weight = 0`,
+or `ot.variant`).
 Runs go to DIR/rho{ρ}_{name}/ (metrics.jsonl, eval.json); the data set is
 built once in DIR/data. Writes DIR/ablation.json and DIR/ablation.md and
 prints the table: held-out retrieval R@1 both ways (all, and unseen-class
@@ -46,6 +47,7 @@ def run_config(base: ml_collections.ConfigDict, variant: str, aligned_fraction: 
   c.data.data_dir = data_dir
   if variant == "contrastive":
     c.loss.ot_weight = 0.0
+    c.loss.ot_plan_contrast_weight = 0.0
   else:
     c.ot.variant = variant
   return c

@@ -242,3 +242,47 @@ def test_unconverged_solves_are_counted(variant):
   assert float(rough["unconverged"]) == solves and float(rough["marginal_error"]) > 1e-2
   _, done = ot.ot_regularizer(xs, _config(variant=variant, epsilon=0.2, num_iterations=300))
   assert float(done["unconverged"]) == 0 and float(done["marginal_error"]) < 1e-3
+
+
+# ---- the image-text coupling the partial trainer reads -------------------------
+
+
+@pytest.mark.parametrize("variant", ot.VARIANTS)
+def test_coupling_has_uniform_marginals_and_pairs_permuted_copies(variant):
+  """The coupling of measures 0 and 1 is a transport plan between them (uniform
+  marginals); for a shuffled copy it puts its mass on the true partners. For
+  the loop variant it is the pair's own plan; for the barycenter, the plans to
+  nu* glued through nu*."""
+  rng = np.random.default_rng(7)
+  n = 10
+  x = _unit(rng, n, 16)
+  perm = rng.permutation(n)
+  cfg = _config(variant=variant, epsilon=0.01, num_iterations=200, gamma=0.0, barycenter_iterations=5)
+  value, aux, coupling = jax.jit(lambda xs: ot.ot_regularizer_and_coupling(xs, cfg))(
+      [jnp.asarray(x), jnp.asarray(x[perm])])
+  coupling = np.asarray(coupling)
+  np.testing.assert_allclose(coupling.sum(1), np.full(n, 1 / n), atol=1e-4)
+  np.testing.assert_allclose(coupling.sum(0), np.full(n, 1 / n), atol=1e-4)
+  # x[i] is x[perm][j] where perm[j] == i.
+  partner = np.argsort(perm)
+  assert np.all(np.argmax(coupling, axis=1) == partner)
+  assert coupling[np.arange(n), partner].sum() > 0.95
+  # The value and aux are ot_regularizer's.
+  expected_value, expected_aux = ot.ot_regularizer([jnp.asarray(x), jnp.asarray(x[perm])], cfg)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  assert set(aux) == set(expected_aux)
+
+
+def test_glue_composes_two_plans_through_the_shared_measure():
+  """By hand: mu_0 -> nu is a permutation, nu -> mu_1 is another, so the glued
+  coupling is their composition; a diffuse plan spreads mass by the product."""
+  n = 4
+  p0 = np.eye(n)[[1, 2, 3, 0]] / n  # mu_0 point i sits on nu point (i + 1) % 4
+  p1 = np.eye(n)[[3, 0, 1, 2]] / n  # mu_1 point j sits on nu point (j + 3) % 4
+  glued = np.asarray(ot.glue(jnp.asarray(p0), jnp.asarray(p1)))
+  expected = np.zeros((n, n))
+  for i in range(n):
+    expected[i, (i + 2) % n] = 1 / n  # nu point (i + 1) % 4 is mu_1 point (i + 2) % 4
+  np.testing.assert_allclose(glued, expected, atol=1e-7)
+  uniform = np.full((n, n), 1 / n ** 2)
+  np.testing.assert_allclose(np.asarray(ot.glue(jnp.asarray(p0), jnp.asarray(uniform))), uniform, atol=1e-7)

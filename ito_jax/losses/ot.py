@@ -245,6 +245,11 @@ def loop_regularizer(measures: Sequence[jax.Array], cfg: ml_collections.ConfigDi
   aux: `w_{k}_{k+1}` per pair (0-indexed), `wasserstein` (their sum), `cycle`
   (before gamma).
   """
+  return _loop(measures, cfg)[:2]
+
+
+def _loop(measures, cfg) -> Tuple[jax.Array, Aux, jax.Array]:
+  """loop_regularizer, plus the plan of mu_0 and mu_1 under stop_gradient."""
   measures = _check_measures(measures)
   num = len(measures)
   validate_config(cfg, num_measures=num)
@@ -267,7 +272,7 @@ def loop_regularizer(measures: Sequence[jax.Array], cfg: ml_collections.ConfigDi
   # With gamma == 0 the plans are under stop_gradient: logged, not trained.
   aux["cycle"] = cycle_consistency(plans)
   aux.update(convergence(plans[:1] if num == 2 else plans, cfg.marginal_tolerance))
-  return aux["wasserstein"] + cfg.gamma * aux["cycle"], aux
+  return aux["wasserstein"] + cfg.gamma * aux["cycle"], aux, jax.lax.stop_gradient(plans[0])
 
 
 # ---- barycenter variant -------------------------------------------------------
@@ -358,6 +363,11 @@ def barycenter_regularizer(measures: Sequence[jax.Array],
   aux: `w_{k}` = W_eps(mu_k, nu*) per measure (unweighted), `wasserstein` (the
   weighted sum).
   """
+  return _barycenter(measures, cfg)[:2]
+
+
+def _barycenter(measures, cfg) -> Tuple[jax.Array, Aux, jax.Array]:
+  """barycenter_regularizer, plus mu_0's and mu_1's plans to nu* glued (`glue`)."""
   measures = _check_measures(measures)
   support = free_support_barycenter(measures, cfg)
   weights = _measure_weights(cfg, len(measures))
@@ -368,7 +378,16 @@ def barycenter_regularizer(measures: Sequence[jax.Array],
     plans.append(plan)
   aux["wasserstein"] = sum(w * aux[f"w_{k}"] for k, w in enumerate(weights))
   aux.update(convergence(plans, cfg.marginal_tolerance))
-  return aux["wasserstein"], aux
+  return aux["wasserstein"], aux, glue(plans[0], plans[1])
+
+
+def glue(plan_0: jax.Array, plan_1: jax.Array) -> jax.Array:
+  """The coupling of mu_0 and mu_1 through a shared measure nu: plans
+  [n_0, m] and [n_1, m] to nu give P_0 diag(1 / nu) P_1^T, [n_0, n_1] (the
+  gluing construction: each nu point passes its mass from mu_0 on to mu_1 in
+  proportion to its plan with mu_1). Its marginals are those of the two plans."""
+  nu = jnp.sum(plan_1, axis=0)  # [m], ~1/m
+  return (plan_0 / jnp.maximum(nu, 1e-30)[None, :]) @ plan_1.T
 
 
 # ---- entry points -------------------------------------------------------------
@@ -376,14 +395,24 @@ def barycenter_regularizer(measures: Sequence[jax.Array],
 
 def ot_regularizer(measures: Sequence[jax.Array], cfg: ml_collections.ConfigDict) -> Tuple[jax.Array, Aux]:
   """R_ot for measures [n_k, dim] (K >= 2), by `cfg.variant`; returns (value, aux)."""
+  value, aux, _ = ot_regularizer_and_coupling(measures, cfg)
+  return value, aux
+
+
+def ot_regularizer_and_coupling(measures: Sequence[jax.Array],
+                                cfg: ml_collections.ConfigDict) -> Tuple[jax.Array, Aux, jax.Array]:
+  """R_ot as `ot_regularizer`, plus the coupling of measures 0 and 1 that its
+  solves found, [n_0, n_1] under stop_gradient: loop, their plan; barycenter,
+  the two plans to nu* glued through it (`glue`). The partially aligned
+  trainer reads it as soft pairings of unaligned images and texts."""
   validate_config(cfg, num_measures=len(measures))
   for k, x in enumerate(measures):
     if jnp.ndim(x) == 2 and x.shape[0] < cfg.min_points:
       raise ValueError(f"measures[{k}]: {x.shape[0]} points, fewer than config.ot.min_points = "
                        f"{cfg.min_points}")
   if cfg.variant == "loop":
-    return loop_regularizer(measures, cfg)
-  return barycenter_regularizer(measures, cfg)
+    return _loop(measures, cfg)
+  return _barycenter(measures, cfg)
 
 
 def value_and_grad_fn(cfg: ml_collections.ConfigDict):
