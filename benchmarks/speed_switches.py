@@ -24,15 +24,15 @@ import ml_collections  # noqa: E402
 from configs import bench_s  # noqa: E402
 from ito_jax import bench  # noqa: E402
 
-# name -> overrides of config.model, against the f32 / no remat / loop / donate / xla baseline
+# name -> overrides of config.model, against the f32 / no remat / loop / donate / einsum baseline
 VARIANTS = {
-    "baseline (f32, no remat, loop, donate, dot_product_attention)": {},
+    "baseline (f32, no remat, loop, donate, einsum attention)": {},
     "bf16 compute, f32 params+opt": {"dtype": "bfloat16"},
     "remat=full": {"remat": "full"},
     "remat=dots": {"remat": "dots"},
     "scan_layers": {"scan_layers": True},
     "donate=False": {"donate": False},
-    "attention=einsum": {"attention": "einsum"},
+    "attention=xla (jax.nn.dot_product_attention)": {"attention": "xla"},
 }
 
 

@@ -125,7 +125,8 @@ def main(argv):
 
     variants = FLAGS.variants or list(ot_compare.VARIANTS)
     fractions = [float(v) for v in FLAGS.aligned_fractions]
-    rows = ot_compare.compare(FLAGS.config, workdir, variants, fractions)
+    rows = ot_compare.compare(FLAGS.config, workdir, variants, fractions,
+                              [int(v) for v in FLAGS.seeds])
     print(f"\n{os.path.join(workdir, 'ablation.md')}:\n{ot_compare.table(rows)}")
     return
   variants = FLAGS.variants or list(VARIANTS)
@@ -163,8 +164,8 @@ if __name__ == "__main__":
   # variant logic next to other modules that define --config.
   config_flags.DEFINE_config_file("config", None, "The full-ITO config.")
   flags.DEFINE_string("workdir", None, "Directory for the four runs and the tables.")
-  flags.DEFINE_list("seeds", [], "ITO ablation: training seeds to repeat every variant with "
-                    "(default: the config's seed).")
+  flags.DEFINE_list("seeds", [], "Training seeds to repeat every variant with (default: the "
+                    "config's seed); the tables give mean ± std.")
   flags.DEFINE_list("variants", None, "Subset of variants to run (default: all four; for a "
                     "partially aligned config: contrastive, loop, barycenter).")
   flags.DEFINE_list("aligned_fractions", ["0.05", "0.2"],

@@ -2,6 +2,7 @@
 
   python -m ito_jax.ot_compare --config=configs/ot_partial_tiny_cpu.py --workdir=DIR
   python -m ito_jax.ot_compare --config=... --workdir=DIR --aligned_fractions=0.05,0.2
+  python -m ito_jax.ot_compare --config=... --workdir=DIR --seeds=0,1,2   # mean ± std
 
 Every run uses the same config, seed, data set, split, tokenizer and step
 count; only the objective differs (`loss.ot_weight = loss.ot_plan_contrast_weight = 0`,
@@ -54,40 +55,65 @@ def run_config(base: ml_collections.ConfigDict, variant: str, aligned_fraction: 
 
 
 def table(rows: list[dict]) -> str:
-  """Markdown: one row per run, ΔR@1 against the contrastive run of the same ρ."""
-  head = ["ρ", "run", *[t for _, t in COLUMNS], "min"]
+  """Markdown: one row per (ρ, run); 'mean ± std' cells when a row spans several
+  seeds; 'min' is the training minutes (summed over the row's seeds)."""
+  head = ["ρ", "run", "seeds", *[t for _, t in COLUMNS], "min"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [f"{r['aligned_fraction']:g}", r["run"]]
-    cells += [f"{r['eval'].get(k, float('nan')):.3f}" for k, _ in COLUMNS]
+    m = r["eval"]
+    cell = lambda k: (f"{m.get(k, float('nan')):.3f} ± {m['std/' + k]:.3f}" if "std/" + k in m
+                      else f"{m.get(k, float('nan')):.3f}")
+    cells = [f"{r['aligned_fraction']:g}", r["run"], ",".join(map(str, r.get("seeds", [])))]
+    cells += [cell(k) for k, _ in COLUMNS]
     cells.append(f"{r['train_minutes']:.1f}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions) -> list[dict]:
-  from ito_jax import train  # jax and the data stack load only when running
+def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
+            seeds=None) -> list[dict]:
+  """Trains every (ρ, variant, seed) run, or reads it back when its eval.json
+  exists (so an interrupted comparison resumes), and writes the tables.
+
+  seeds: training seeds (init, data order, augmentation; the data set and its
+  split stay fixed); None or empty means the config's own. The config's seed
+  runs in DIR/rho{ρ}_{variant}, others in DIR/rho{ρ}_{variant}_seed{s}; a row
+  holds the mean over seeds, and with several seeds 'std/<key>' and each
+  seed's figures ('per_seed')."""
+  from ito_jax import ablate, train  # jax and the data stack load only when running
 
   if not base.partial.enabled:
     raise ValueError("config.partial.enabled: ot_compare needs a partially aligned config")
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown or not variants:
     raise ValueError(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
+  seeds = list(seeds or [base.seed])
   os.makedirs(workdir, exist_ok=True)
   data_dir = base.data.data_dir or os.path.join(workdir, "data")
   rows, tokenizer = [], None
   for rho in fractions:
     for variant in variants:
-      config = run_config(base, variant, rho, data_dir)
-      run_dir = os.path.join(workdir, f"rho{rho:g}_{variant}")
-      os.makedirs(run_dir, exist_ok=True)
-      if tokenizer:  # one tokenizer for all runs (train.prepare_inputs loads it if present)
-        shutil.copyfile(tokenizer, os.path.join(run_dir, "tokenizer.model"))
-      t0 = time.perf_counter()
-      result = train.train_and_evaluate(config, run_dir)
-      tokenizer = tokenizer or os.path.join(run_dir, "tokenizer.model")
-      rows.append({"aligned_fraction": rho, "run": variant, "workdir": run_dir,
-                   "train_minutes": (time.perf_counter() - t0) / 60, "eval": result})
+      per_seed, minutes = {}, 0.0
+      for seed in seeds:
+        config = run_config(base, variant, rho, data_dir)
+        config.seed = seed
+        name = f"rho{rho:g}_{variant}" + ("" if seed == base.seed else f"_seed{seed}")
+        run_dir = os.path.join(workdir, name)
+        if os.path.exists(os.path.join(run_dir, "eval.json")):
+          with open(os.path.join(run_dir, "eval.json")) as f:
+            per_seed[seed] = json.load(f)
+          print(f"== {name}: finished earlier, read back", flush=True)
+        else:
+          os.makedirs(run_dir, exist_ok=True)
+          if tokenizer:  # one tokenizer for all runs (train.prepare_inputs loads it if present)
+            shutil.copyfile(tokenizer, os.path.join(run_dir, "tokenizer.model"))
+          t0 = time.perf_counter()
+          per_seed[seed] = train.train_and_evaluate(config, run_dir)
+          minutes += (time.perf_counter() - t0) / 60
+        tokenizer = tokenizer or os.path.join(run_dir, "tokenizer.model")
+      rows.append({"aligned_fraction": rho, "run": variant, "seeds": seeds,
+                   "workdir": os.path.join(workdir, f"rho{rho:g}_{variant}"),
+                   "train_minutes": minutes, "eval": ablate.over_seeds(per_seed)})
       print(table(rows), flush=True)
   with open(os.path.join(workdir, "ablation.json"), "w") as f:
     json.dump({"config": json.loads(base.to_json_best_effort()), "runs": rows}, f, indent=2)
@@ -103,7 +129,8 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required")
   fractions = [float(v) for v in flags.FLAGS.aligned_fractions] or [config.partial.aligned_fraction]
-  rows = compare(config, workdir, flags.FLAGS.variants, fractions)
+  rows = compare(config, workdir, flags.FLAGS.variants, fractions,
+                 [int(v) for v in flags.FLAGS.seeds])
   print(f"\n{os.path.join(workdir, 'ablation.md')}:\n{table(rows)}")
 
 
@@ -114,5 +141,6 @@ if __name__ == "__main__":
   flags.DEFINE_list("variants", ["contrastive", "loop", "barycenter"],
                     "Runs: contrastive (ot_weight 0), loop, barycenter.")
   flags.DEFINE_list("aligned_fractions", [], "ρ values; empty: the config's.")
+  flags.DEFINE_list("seeds", [], "Training seeds to repeat every run with; empty: the config's.")
   flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -96,3 +96,19 @@ def test_vit_b16_has_the_published_parameter_count():
   abstract = nnx.eval_shape(lambda: build(c.model))
   n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract.image_tower, nnx.Param)))
   assert 85.5e6 < n < 86.0e6, n
+
+
+def test_attention_implementations_agree():
+  """einsum (the default) and jax.nn.dot_product_attention ('xla') compute the
+  same masked attention from the same parameters, so the switch is speed only."""
+  from ito_jax.models.transformer import Attention, EncoderSpec
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 7, 32)), jnp.float32)  # [batch, length, width]
+  mask = jnp.asarray(np.arange(7)[None, :] < np.array([[7], [4], [1]]))  # [batch, length]
+  outs = {}
+  for impl in ("einsum", "xla"):
+    with nnx.use_eager_sharding(False):
+      layer = Attention(EncoderSpec(width=32, depth=1, num_heads=4, attention=impl), rngs=nnx.Rngs(0))
+    outs[impl] = np.asarray(layer(x, kv_mask=mask))
+  np.testing.assert_allclose(outs["einsum"], outs["xla"], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(outs["einsum"][1], outs["einsum"][0])  # the mask matters

@@ -376,6 +376,29 @@ def test_ot_compare_writes_one_row_per_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_ot_compare_over_seeds_reports_mean_and_std_and_resumes(tmp_path):
+  from ito_jax import ot_compare
+  c = micro_config(**{"total_steps": 2, "log_every_steps": 2, "eval_every_steps": 2,
+                      "data.num_train": 300, "data.num_eval": 40, "eval.batch_size": 40,
+                      "partial.aligned_fraction": 0.2})
+  rows = ot_compare.compare(c, str(tmp_path), ["contrastive"], [0.2], seeds=[0, 5])
+  assert (tmp_path / "rho0.2_contrastive" / "eval.json").exists()  # the config's seed (0)
+  assert (tmp_path / "rho0.2_contrastive_seed5" / "eval.json").exists()
+  (row,) = rows
+  per_seed = row["eval"]["per_seed"]
+  key = "zeroshot/unseen_accuracy"
+  values = [per_seed["0"][key], per_seed["5"][key]]
+  assert row["eval"][key] == pytest.approx(np.mean(values))
+  assert row["eval"]["std/" + key] == pytest.approx(np.std(values))
+  assert per_seed["0"]["retrieval/i2t_r1"] != per_seed["5"]["retrieval/i2t_r1"] or \
+      per_seed["0"]["gap/centroid_distance"] != per_seed["5"]["gap/centroid_distance"]  # really two runs
+  assert " ± " in (tmp_path / "ablation.md").read_text()
+  # A second call reads the finished runs back instead of training them again.
+  again = ot_compare.compare(c, str(tmp_path), ["contrastive"], [0.2], seeds=[0, 5])
+  assert again[0]["train_minutes"] == 0.0 and again[0]["eval"] == row["eval"]
+
+
+@pytest.mark.slow
 def test_ablate_command_runs_the_ot_comparison_for_a_partial_config(tmp_path):
   """`python -m ito_jax.ablate --config=configs/ot_partial_tiny_cpu.py` is the
   issue's command: with partial.enabled it dispatches to ot_compare."""
