@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = "none"  # activation rematerialisation per block: none | full | dots.
   # Attention: einsum (two einsums and an f32 softmax, written out) | xla | cudnn
   # (jax.nn.dot_product_attention's implementations; cudnn is the fused GPU kernel).
-  # einsum is the default: on the 2-core CPU it made the bench_s step 6% faster than
+  # einsum is the default: on the 2-core CPU it made the bench_s step 3-6% faster than
   # xla in alternating rounds (benchmarks/RESULTS.md §0); same values either way.
   m.attention = "einsum"
   # Donate the old train state's buffers to the step (jit donate_argnums), so
