@@ -10,7 +10,8 @@ the OT comparison instead (`ito_jax.ot_compare`: contrastive-only, +R_ot loop,
 
 Each variant is the given (full ITO) config with mechanisms switched off, and
 trains with the same seed, data and steps in DIR/<variant>. A variant whose
-eval.json exists is not trained again, so an interrupted ablation resumes.
+eval.json exists is not trained again, so an interrupted ablation resumes (a
+finished run of a different config is an error, not silently reused).
 Writes DIR/ablation.json, DIR/ablation.md and DIR/ablation_gap.png.
 
 --seeds=0,1,2 repeats every variant with each training seed (init, data order,
@@ -77,12 +78,37 @@ def over_seeds(per_seed: dict) -> dict:
   return out
 
 
+def finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether run_dir holds a finished run (its eval.json) of exactly `config`.
+  A finished run of another config is an error naming what differs, so that a
+  reused workdir never mixes runs of different settings into one table."""
+  if not os.path.exists(os.path.join(run_dir, "eval.json")):
+    return False
+  with open(os.path.join(run_dir, "config.json")) as f:
+    saved = json.load(f)
+  wanted = json.loads(config.to_json_best_effort())
+  if saved != wanted:
+    def flat(d, prefix=""):
+      return {k2: v2 for k, v in d.items()
+              for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+    a, b = flat(saved), flat(wanted)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise ValueError(f"{run_dir}: finished earlier with another config ({', '.join(differ[:5])} "
+                     "differ); use another --workdir or delete that run")
+  return True
+
+
+def format_cell(m: dict, key: str) -> str:
+  """'mean ± std' when the figures span several seeds (over_seeds), else the value."""
+  value = m.get(key, float("nan"))
+  return f"{value:.3f} ± {m['std/' + key]:.3f}" if "std/" + key in m else f"{value:.3f}"
+
+
 def markdown_table(results: dict) -> str:
   """One row per variant; 'mean ± std' cells when the figures span several seeds."""
   header = "| variant | " + " | ".join(TABLE_KEYS) + " |"
   rule = "|---" * (len(TABLE_KEYS) + 1) + "|"
-  cell = lambda m, k: f"{m[k]:.3f} ± {m['std/' + k]:.3f}" if "std/" + k in m else f"{m[k]:.3f}"
-  rows = [f"| {v} | " + " | ".join(cell(m, k) for k in TABLE_KEYS) + " |"
+  rows = [f"| {v} | " + " | ".join(format_cell(m, k) for k in TABLE_KEYS) + " |"
           for v, m in results.items()]
   return "\n".join([header, rule, *rows]) + "\n"
 
@@ -140,10 +166,10 @@ def main(argv):
     per_seed = {}
     for seed in seeds:
       run_dir = os.path.join(workdir, v if seed == full.seed else f"{v}_seed{seed}")
-      if not os.path.exists(os.path.join(run_dir, "eval.json")):
+      config = variant_config(full, v)
+      config.seed = seed
+      if not finished(run_dir, config):
         print(f"== training variant {v}, seed {seed}, in {run_dir}")
-        config = variant_config(full, v)
-        config.seed = seed
         train.train_and_evaluate(config, run_dir)
       per_seed[seed] = final_metrics(run_dir)
       first_runs.setdefault(v, run_dir)

@@ -25,6 +25,8 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from ito_jax import ablate  # its tables and run bookkeeping; it imports this module only in main
+
 VARIANTS = ("contrastive", "loop", "barycenter")
 COLUMNS = (  # (eval key, column title)
     ("retrieval/i2t_r1", "R@1 i2t"),
@@ -60,11 +62,8 @@ def table(rows: list[dict]) -> str:
   head = ["ρ", "run", "seeds", *[t for _, t in COLUMNS], "min"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    m = r["eval"]
-    cell = lambda k: (f"{m.get(k, float('nan')):.3f} ± {m['std/' + k]:.3f}" if "std/" + k in m
-                      else f"{m.get(k, float('nan')):.3f}")
     cells = [f"{r['aligned_fraction']:g}", r["run"], ",".join(map(str, r.get("seeds", [])))]
-    cells += [cell(k) for k, _ in COLUMNS]
+    cells += [ablate.format_cell(r["eval"], k) for k, _ in COLUMNS]
     cells.append(f"{r['train_minutes']:.1f}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -72,15 +71,16 @@ def table(rows: list[dict]) -> str:
 
 def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
             seeds=None) -> list[dict]:
-  """Trains every (ρ, variant, seed) run, or reads it back when its eval.json
-  exists (so an interrupted comparison resumes), and writes the tables.
+  """Trains every (ρ, variant, seed) run, or reads it back when it finished
+  earlier with the same config (so an interrupted comparison resumes; another
+  config is an error, `ablate.finished`), and writes the tables.
 
   seeds: training seeds (init, data order, augmentation; the data set and its
   split stay fixed); None or empty means the config's own. The config's seed
   runs in DIR/rho{ρ}_{variant}, others in DIR/rho{ρ}_{variant}_seed{s}; a row
   holds the mean over seeds, and with several seeds 'std/<key>' and each
   seed's figures ('per_seed')."""
-  from ito_jax import ablate, train  # jax and the data stack load only when running
+  from ito_jax import train  # jax and the data stack load only when running
 
   if not base.partial.enabled:
     raise ValueError("config.partial.enabled: ot_compare needs a partially aligned config")
@@ -99,7 +99,7 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
         config.seed = seed
         name = f"rho{rho:g}_{variant}" + ("" if seed == base.seed else f"_seed{seed}")
         run_dir = os.path.join(workdir, name)
-        if os.path.exists(os.path.join(run_dir, "eval.json")):
+        if ablate.finished(run_dir, config):
           with open(os.path.join(run_dir, "eval.json")) as f:
             per_seed[seed] = json.load(f)
           print(f"== {name}: finished earlier, read back", flush=True)

@@ -1,7 +1,7 @@
 """Partially aligned mode (issue 4): the data split, R_ot in the jitted train
-step, generalised zero-shot evaluation, config checks and the comparison command."""
+step, generalised zero-shot evaluation, config checks and the plan contrast
+(the comparison command: test_ot_compare.py)."""
 
-import json
 import os
 
 import jax
@@ -17,23 +17,7 @@ from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import evaluator, retrieval, transport, zeroshot
 from ito_jax.losses import ot as ot_lib
 
-UNSEEN = (0, 6, 12)
-
-
-def micro_config(**overrides):
-  """The shipped partial config with towers small enough to compile in seconds."""
-  c = ot_partial_tiny_cpu.get_config()
-  c.model.embed_dim = 16
-  c.model.image.update(image_size=16, patch_size=8, width=32, depth=1, num_heads=2)
-  c.model.text.update(vocab_size=128, context_length=12, width=32, depth=1, num_heads=2)
-  c.batch_size, c.partial.unaligned_batch_size = 8, 12
-  c.ot.num_iterations = 20
-  c.ot.start_step = 1
-  c.partial.unseen_classes = UNSEEN
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    (c[section] if section else c)[name] = value
-  return c
+from partial_helpers import UNSEEN, micro_config
 
 
 # ---- split ---------------------------------------------------------------------
@@ -350,72 +334,6 @@ def test_shipped_partial_config_is_valid(arg):
   assert c.is_locked and c.partial.enabled and c.loss.ot_weight > 0
 
 
-# ---- comparison command ------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_ot_compare_writes_one_row_per_run(tmp_path):
-  from ito_jax import ot_compare
-  c = micro_config(**{"total_steps": 3, "log_every_steps": 3, "eval_every_steps": 3,
-                      "data.num_train": 300, "data.num_eval": 40, "eval.batch_size": 40,
-                      "partial.aligned_fraction": 0.2})
-  rows = ot_compare.compare(c, str(tmp_path), ["contrastive", "loop"], [0.2])
-  assert [r["run"] for r in rows] == ["contrastive", "loop"]
-  with open(tmp_path / "ablation.json") as f:
-    saved = json.load(f)
-  assert [r["eval"]["step"] for r in saved["runs"]] == [3, 3]
-  assert "loss/ot" not in saved["runs"][0]["eval"]
-  logged = [json.loads(l) for l in open(tmp_path / "rho0.2_loop" / "metrics.jsonl")]
-  assert "loss/ot" in logged[0] and "loss/ot" not in json.loads(
-      open(tmp_path / "rho0.2_contrastive" / "metrics.jsonl").readline())
-  md = (tmp_path / "ablation.md").read_text()
-  assert "ZS unseen" in md and md.count("\n") == 4  # header, rule, two runs
-  # Both runs read one tokenizer.
-  tok = lambda run: (tmp_path / run / "tokenizer.model").read_bytes()
-  assert tok("rho0.2_contrastive") == tok("rho0.2_loop")
-
-
-@pytest.mark.slow
-def test_ot_compare_over_seeds_reports_mean_and_std_and_resumes(tmp_path):
-  from ito_jax import ot_compare
-  c = micro_config(**{"total_steps": 2, "log_every_steps": 2, "eval_every_steps": 2,
-                      "data.num_train": 300, "data.num_eval": 40, "eval.batch_size": 40,
-                      "partial.aligned_fraction": 0.2})
-  rows = ot_compare.compare(c, str(tmp_path), ["contrastive"], [0.2], seeds=[0, 5])
-  assert (tmp_path / "rho0.2_contrastive" / "eval.json").exists()  # the config's seed (0)
-  assert (tmp_path / "rho0.2_contrastive_seed5" / "eval.json").exists()
-  (row,) = rows
-  per_seed = row["eval"]["per_seed"]
-  key = "zeroshot/unseen_accuracy"
-  values = [per_seed["0"][key], per_seed["5"][key]]
-  assert row["eval"][key] == pytest.approx(np.mean(values))
-  assert row["eval"]["std/" + key] == pytest.approx(np.std(values))
-  assert per_seed["0"]["retrieval/i2t_r1"] != per_seed["5"]["retrieval/i2t_r1"] or \
-      per_seed["0"]["gap/centroid_distance"] != per_seed["5"]["gap/centroid_distance"]  # really two runs
-  assert " ± " in (tmp_path / "ablation.md").read_text()
-  # A second call reads the finished runs back instead of training them again.
-  again = ot_compare.compare(c, str(tmp_path), ["contrastive"], [0.2], seeds=[0, 5])
-  assert again[0]["train_minutes"] == 0.0 and again[0]["eval"] == row["eval"]
-
-
-@pytest.mark.slow
-def test_ablate_command_runs_the_ot_comparison_for_a_partial_config(tmp_path):
-  """`python -m ito_jax.ablate --config=configs/ot_partial_tiny_cpu.py` is the
-  issue's command: with partial.enabled it dispatches to ot_compare."""
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cmd = [sys.executable, "-m", "ito_jax.ablate", "--config=configs/ot_partial_tiny_cpu.py:runlocal",
-         f"--workdir={tmp_path}", "--variants=contrastive", "--aligned_fractions=0.2",
-         "--config.total_steps=2", "--config.eval_every_steps=2", "--config.log_every_steps=2"]
-  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  saved = json.loads((tmp_path / "ablation.json").read_text())
-  assert [(r["aligned_fraction"], r["run"]) for r in saved["runs"]] == [(0.2, "contrastive")]
-  assert "ZS unseen" in (tmp_path / "ablation.md").read_text()
-
-
 # ---- the plan contrast -------------------------------------------------------------
 
 
@@ -468,7 +386,7 @@ def test_plan_contrast_trains_both_towers_in_the_step():
   common.validate(c)
   mesh = sharding.make_mesh(c)
   batch = sharding.put_batch(bench.random_batch(c), mesh)
-  steps, states = {}, {}
+  states = {}
   for weight in (0.0, 1.0):
     cfg = c.copy_and_resolve_references()
     cfg.loss.ot_plan_contrast_weight = weight
@@ -496,15 +414,3 @@ def test_plan_contrast_needs_partial_mode_and_a_non_negative_weight():
   c.loss.ot_plan_contrast_weight = 1.0
   with pytest.raises(common.ConfigError, match="config.loss.ot_plan_contrast_weight: needs partial.enabled"):
     common.validate(c)
-
-
-def test_ot_compare_contrastive_run_turns_off_every_ot_term():
-  from ito_jax import ot_compare
-  base = ot_partial_tiny_cpu.get_config()
-  base.loss.ot_plan_contrast_weight = 1.0
-  contrastive = ot_compare.run_config(base, "contrastive", 0.2, "/data")
-  assert contrastive.loss.ot_weight == 0.0 and contrastive.loss.ot_plan_contrast_weight == 0.0
-  assert contrastive.partial.aligned_fraction == 0.2 and contrastive.data.data_dir == "/data"
-  bary = ot_compare.run_config(base, "barycenter", 0.05, "/data")
-  assert bary.ot.variant == "barycenter" and bary.loss.ot_weight == base.loss.ot_weight
-  assert bary.loss.ot_plan_contrast_weight == 1.0

@@ -1,0 +1,21 @@
+"""Shared by the partially aligned tests: the shipped partial config at micro size."""
+
+from configs import ot_partial_tiny_cpu
+
+UNSEEN = (0, 6, 12)
+
+
+def micro_config(**overrides):
+  """The shipped partial config with towers small enough to compile in seconds."""
+  c = ot_partial_tiny_cpu.get_config()
+  c.model.embed_dim = 16
+  c.model.image.update(image_size=16, patch_size=8, width=32, depth=1, num_heads=2)
+  c.model.text.update(vocab_size=128, context_length=12, width=32, depth=1, num_heads=2)
+  c.batch_size, c.partial.unaligned_batch_size = 8, 12
+  c.ot.num_iterations = 20
+  c.ot.start_step = 1
+  c.partial.unseen_classes = UNSEEN
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+  return c
