@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.aligned_fraction = 0.05  # ρ: fraction of all training samples kept as aligned pairs (0 < ρ < 1).
   p.unseen_classes = ()  # class ids found only in the unaligned pools; eval reports seen/unseen apart.
   p.unaligned_batch_size = 128  # global count of unaligned images, and of unaligned texts, per step.
+  # V: augmented views of each unaligned image and distinct captions of each
+  # unaligned text; R_ot then has K = 2V measures (objective_ot.measures).
+  p.unaligned_views = 1
 
   # ---- optimizer: AdamW, linear warmup then cosine decay, global-norm clipping
   c.optim = o = ml_collections.ConfigDict()
@@ -343,7 +346,7 @@ def num_ot_measures(c: ml_collections.ConfigDict) -> tuple[int, int]:
   """(K, total points) of R_ot's measures for this config."""
   if c.partial.enabled:
     per_measure = c.partial.unaligned_batch_size + (c.batch_size if c.ot.include_aligned else 0)
-    return 2, 2 * per_measure
+    return 2 * c.partial.unaligned_views, 2 * c.partial.unaligned_views * per_measure
   views = c.loss.num_image_views + c.loss.num_text_views
   return views, views * c.batch_size
 
@@ -378,6 +381,13 @@ def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num
     for count, what in ((num_devices, "device"), (num_processes, "process")):
       _require(u % count == 0, "partial.unaligned_batch_size",
                f"{u} is not divisible by the {what} count {count}")
+    v = p.unaligned_views
+    _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, "partial.unaligned_views",
+             f"must be an integer >= 1, got {v!r}")
+    for field, on in (("ot.include_aligned", c.ot.include_aligned),
+                      ("loss.ot_plan_contrast_weight", c.loss.ot_plan_contrast_weight)):
+      _require(not on or v == 1, field, f"needs partial.unaligned_views == 1 (one image and one text "
+               f"measure), got {v}")
   else:
     _require(not p.unseen_classes, "partial.unseen_classes", "is set but partial.enabled is False")
   num_measures, total_points = num_ot_measures(c)

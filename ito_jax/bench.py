@@ -65,9 +65,9 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
       "labels": rng.integers(0, 10, size=(b,), dtype=np.int32),
   }
   if config.partial.enabled:  # the unaligned image and text batches R_ot reads
-    u = config.partial.unaligned_batch_size
-    batch["unaligned_images"] = rng.uniform(-1, 1, size=(u, size, size, 3)).astype(np.float32)
-    batch["unaligned_tokens"] = tokens[rng.integers(0, b, size=u), 0]
+    u, v = config.partial.unaligned_batch_size, config.partial.unaligned_views
+    batch["unaligned_images"] = rng.uniform(-1, 1, size=(u, v, size, size, 3)).astype(np.float32)
+    batch["unaligned_tokens"] = tokens[rng.integers(0, b, size=(u, v)), 0]  # [U, V, L]
   return batch
 
 

@@ -1,10 +1,16 @@
 """The λ_ot · R_ot term of the objective (DESIGN.md, "R_ot"; config `ot`, `partial`).
 
 Measures, by mode:
-* partial.enabled: the embeddings of the unaligned image batch [U, E] and of
-  the unaligned text batch [U, E], run through the same towers in the same
-  step (K = 2); with ot.include_aligned the aligned batch's view-0 embeddings
-  join the image and the text measure ([U + B, E] each).
+* partial.enabled: the embeddings of each view of the unaligned image batch
+  and then of each view of the unaligned text batch, [U, E] each, run through
+  the same towers in the same step (K = 2V, V = partial.unaligned_views). The
+  loop's pairs are then image view v -> v + 1 (the same images: a true
+  correspondence), the last image view -> text view 0 (unaligned), the text
+  views in turn (the same samples' captions), and the last text view -> image
+  view 0, so with V >= 2 the cycle term asks the unaligned matching to be
+  consistent with the known within-modality correspondences. With
+  ot.include_aligned (V = 1) the aligned batch's view-0 embeddings join the
+  image and the text measure ([U + B, E] each).
 * otherwise: every image view and every text view of the aligned batch
   (K = M + N measures of [B, E]).
 
@@ -43,15 +49,16 @@ def measures(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
                        "(ito_jax.data.partial)")
     if batch[key].shape[0] == 0:
       raise ValueError(f"batch[{key!r}]: empty unaligned batch, shape {batch[key].shape}")
-  images = batch["unaligned_images"]  # [U, H, W, 3]
-  finite_rows = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))  # [U]
-  images = jnp.where(finite_rows[:, None, None, None], images, 0.0)
-  image = model.encode_image(images)  # [U, E]
-  text = model.encode_text(batch["unaligned_tokens"])  # [U, E]
-  if config.ot.include_aligned:
-    image = jnp.concatenate([image, out["image_emb"][:, 0]])  # [U + B, E]
-    text = jnp.concatenate([text, out["text_emb"][:, 0]])  # [U + B, E]
-  return [image, text], jnp.sum(~finite_rows)
+  images, tokens = batch["unaligned_images"], batch["unaligned_tokens"]  # [U, V, H, W, 3], [U, V, L]
+  u, v = images.shape[:2]
+  finite_rows = jnp.all(jnp.isfinite(images), axis=(2, 3, 4))  # [U, V]
+  images = jnp.where(finite_rows[..., None, None, None], images, 0.0)
+  image = model.encode_image(images.reshape(u * v, *images.shape[2:])).reshape(u, v, -1)  # [U, V, E]
+  text = model.encode_text(tokens.reshape(u * v, tokens.shape[-1])).reshape(u, v, -1)  # [U, V, E]
+  if config.ot.include_aligned:  # validated: V == 1
+    image = jnp.concatenate([image, out["image_emb"][:, :1]])  # [U + B, 1, E]
+    text = jnp.concatenate([text, out["text_emb"][:, :1]])  # [U + B, 1, E]
+  return [image[:, i] for i in range(v)] + [text[:, i] for i in range(v)], jnp.sum(~finite_rows)
 
 
 def self_transport(xs: list[jax.Array], solver: ml_collections.ConfigDict) -> list[jax.Array]:
@@ -103,7 +110,8 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
     metrics.update({f"ot/{k}": v for k, v in contrast_aux.items()})
   metrics.update({f"ot/{k}": jax.lax.stop_gradient(v) for k, v in aux.items()})
   if config.partial.enabled:
-    gap = jnp.mean(xs[0], axis=0) - jnp.mean(xs[1], axis=0)
+    half = len(xs) // 2  # image views, then text views
+    gap = jnp.mean(jnp.concatenate(xs[:half]), axis=0) - jnp.mean(jnp.concatenate(xs[half:]), axis=0)
     metrics["gap/unaligned_centroid_distance"] = jnp.linalg.norm(jax.lax.stop_gradient(gap))
   return term, metrics
 

@@ -77,10 +77,10 @@ def test_partial_pipeline_batches_come_from_their_pools(built):
   for _ in range(10):
     batch = next(it)
     assert batch["images"].shape == (8, 1, 16, 16, 3) and batch["tokens"].shape == (8, 1, 12)
-    assert batch["unaligned_images"].shape == (12, 16, 16, 3)
-    assert batch["unaligned_tokens"].shape == (12, 12)
+    assert batch["unaligned_images"].shape == (12, 1, 16, 16, 3)  # partial.unaligned_views = 1
+    assert batch["unaligned_tokens"].shape == (12, 1, 12)
     assert not np.isin(batch["labels"], UNSEEN).any()
-    assert set(tok.decode(t) for t in batch["unaligned_tokens"]) <= text_pool
+    assert set(tok.decode(t) for t in batch["unaligned_tokens"][:, 0]) <= text_pool
   # Deterministic given the seeds; per-process batches are a share of the global one.
   first = next(iter(pipeline.train_dataset(c, tok)))
   again = next(iter(pipeline.train_dataset(c, tok)))
@@ -158,8 +158,8 @@ def test_ot_gradient_reaches_both_towers_and_is_gated_by_start_step(steppers):
     assert diff > 1e-6, (tower, diff)
   # loss/ot is the library's R_ot of the unaligned batches' embeddings.
   model, _ = nnx.merge(graphdef, s1)
-  xs = [evaluator._embed_images(model, batch["unaligned_images"]),
-        evaluator._embed_texts(model, batch["unaligned_tokens"])]
+  xs = [evaluator._embed_images(model, batch["unaligned_images"][:, 0]),
+        evaluator._embed_texts(model, batch["unaligned_tokens"][:, 0])]
   expected = jax.jit(lambda xs: ot_lib.ot_regularizer(xs, common.ot_solver_config(c))[0])(xs)
   np.testing.assert_allclose(float(m1b["loss/ot"]), float(expected), rtol=1e-4)
   np.testing.assert_allclose(float(m1b["loss"]), float(m1b["loss/align"]) + float(expected), rtol=1e-4)

@@ -20,8 +20,13 @@ shuffled every epoch and cleared of bad records like `pipeline.train_dataset`
 into one batch:
 
     images [B, M, H, W, 3], tokens [B, N, L], labels [B]   aligned pairs
-    unaligned_images [U, H, W, 3]                          image pool
-    unaligned_tokens [U, L]                                text pool
+    unaligned_images [U, V, H, W, 3]                       image pool
+    unaligned_tokens [U, V, L]                             text pool
+
+V = `partial.unaligned_views`: augmented views of each pool image, and
+distinct captions of each pool text. Views of one sample are true
+correspondences inside a modality (never across), which R_ot's loop over
+K = 2V measures can use (ito_jax/objective_ot.py).
 """
 
 from __future__ import annotations
@@ -106,8 +111,8 @@ class Subset:
 
 
 class ImageTransform(grain.transforms.RandomMap):
-  """RawRecord -> one augmented image view [H, W, 3] (its captions are never
-  used), or a bad_records.Bad marker."""
+  """RawRecord -> `partial.unaligned_views` augmented views of its image
+  [V, H, W, 3] (its captions are never used), or a bad_records.Bad marker."""
 
   def __init__(self, config: ml_collections.ConfigDict, source: str):
     self.source = source
@@ -115,6 +120,7 @@ class ImageTransform(grain.transforms.RandomMap):
     self.image_size = config.model.image.image_size
     self.crop_scale = tuple(config.data.crop_scale)
     self.flip = config.data.flip
+    self.num_views = config.partial.unaligned_views
 
   def random_map(self, element: records.RawRecord, rng: np.random.Generator):
     try:
@@ -123,16 +129,18 @@ class ImageTransform(grain.transforms.RandomMap):
       image, repair = records.decode_image(element.image, self.limits.max_image_pixels)
     except records.BadRecord as e:
       return bad_records.Bad(self.source, e.kind, element.id, e.detail)
-    if self.flip and rng.random() < 0.5:  # no caption to keep true here
-      image = np.ascontiguousarray(image[:, ::-1])
-    view = augment.image_view(image, rng, self.image_size, self.crop_scale)  # [H, W, 3]
-    return {'unaligned_images': view,
+    views = []
+    for _ in range(self.num_views):  # each view flips on its own: no caption to keep true here
+      flipped = np.ascontiguousarray(image[:, ::-1]) if self.flip and rng.random() < 0.5 else image
+      views.append(augment.image_view(flipped, rng, self.image_size, self.crop_scale))  # [H, W, 3]
+    return {'unaligned_images': np.stack(views),  # [V, H, W, 3]
             bad_records.META_KEY: (self.source, (repair,) if repair else ())}
 
 
 class TextTransform(grain.transforms.RandomMap):
-  """RawRecord -> the tokens [L] of one of its captions (its image is never
-  decoded), or a bad_records.Bad marker."""
+  """RawRecord -> the tokens [V, L] of `partial.unaligned_views` of its
+  captions (distinct while it has enough; augment.text_views), its image never
+  decoded, or a bad_records.Bad marker."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, source: str):
     self.tokenizer = tokenizer
@@ -140,6 +148,7 @@ class TextTransform(grain.transforms.RandomMap):
     self.limits = records.Limits.from_config(config.data)
     self.context_length = config.model.text.context_length
     self.word_dropout = config.data.word_dropout
+    self.num_views = config.partial.unaligned_views
 
   def random_map(self, element: records.RawRecord, rng: np.random.Generator):
     try:
@@ -148,8 +157,8 @@ class TextTransform(grain.transforms.RandomMap):
       captions, dropped = records.decode_captions(element.captions, self.limits.max_caption_chars)
     except records.BadRecord as e:
       return bad_records.Bad(self.source, e.kind, element.id, e.detail)
-    text = augment.text_views(captions, rng, 1, self.word_dropout)
-    return {'unaligned_tokens': self.tokenizer.encode_batch(text, self.context_length)[0],
+    texts = augment.text_views(captions, rng, self.num_views, self.word_dropout)  # distinct captions first
+    return {'unaligned_tokens': self.tokenizer.encode_batch(texts, self.context_length),  # [V, L]
             bad_records.META_KEY: (self.source, tuple(f'dropped_{k}' for k in dropped))}
 
 
