@@ -10,7 +10,7 @@ aligned pairs, the rest as unaligned image and text pools, six classes unseen
 `ot_partial_tiny_cpu.py:runlocal` is a seconds-long smoke run.
 """
 
-from configs import common, tiny_cpu
+from configs import tiny_cpu
 
 # One class per colour, and each shape at most twice, so every unseen class is
 # a new combination of a colour and a shape that the aligned pairs do show.

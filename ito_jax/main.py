@@ -15,11 +15,10 @@ Open MPI GPU clusters are detected; a CPU cluster names its coordinator:
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from ito_jax import distributed

@@ -3,7 +3,6 @@ accuracy, retrieval recall@K and modality-gap figures."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

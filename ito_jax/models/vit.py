@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from ito_jax.models.transformer import Encoder, EncoderSpec, layer_norm, partitioned
