@@ -56,7 +56,7 @@ def switches(base, steps, rounds):
     for name in names:
       times[name] += compiled[name].run(steps)
   base_med = statistics.median(times[next(iter(compiled))])
-  print(f"\n| switch | compile s | step s (median) | examples/s | vs baseline | compiled temp MiB |")
+  print("\n| switch | compile s | step s (median) | examples/s | vs baseline | compiled temp MiB |")
   print("|---|---|---|---|---|---|")
   for name, step in compiled.items():
     med = statistics.median(times[name])
