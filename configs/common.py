@@ -198,6 +198,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.split = "test"  # held-out split for the final eval.json.
   e.batch_size = 256  # embedding batch for evaluation.
   e.templates = ("a {}.", "a picture of a {}.", "there is a {}.")  # zero-shot prompts.
+  # Retrieval ranks each query among this many images (consecutive galleries of
+  # the eval split, averaged, like COCO's 5 x 1K); 0: among the whole split.
+  e.retrieval_gallery = 0
   c.lock()  # unknown fields (typos in files or overrides) raise, naming the field
   return c
 
@@ -329,6 +332,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
              f"must be a positive integer, got {d[field]!r}")
   _validate_ot_and_partial(c, num_devices, num_processes)
   _require(c.eval.split in ("validation", "test"), "eval.split", f"expected validation|test, got {c.eval.split!r}")
+  _require(isinstance(c.eval.retrieval_gallery, int) and c.eval.retrieval_gallery >= 0,
+           "eval.retrieval_gallery", f"must be a non-negative integer, got {c.eval.retrieval_gallery!r}")
+  gallery = c.eval.retrieval_gallery
+  _require(not gallery or d.eval_source or (gallery <= d.num_eval and d.num_eval % gallery == 0),
+           "eval.retrieval_gallery", f"{gallery} does not divide data.num_eval = {d.num_eval} into equal galleries")
   _require(len(c.eval.templates) > 0 and all("{}" in t for t in c.eval.templates),
            "eval.templates", "need at least one template, each with a '{}' for the class name")
 

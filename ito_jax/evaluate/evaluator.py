@@ -76,14 +76,16 @@ class Evaluator:
       metrics.update(zeroshot.accuracy(emb["image"], zeroshot.class_embeddings(emb["prompt"]),
                                        self.data["labels"]))
     if self.retrieval:
-      metrics.update(retrieval.recall_at_k(emb["image"], emb["caption"]))
+      metrics.update(retrieval.recall_at_k(emb["image"], emb["caption"],
+                                           gallery=self.config.eval.retrieval_gallery))
       metrics.update(gap.gap_metrics(emb["image"], emb["caption"][:, 0]))
     unseen = tuple(self.config.partial.unseen_classes) if "partial" in self.config else ()
     if unseen and self.zeroshot:  # generalised zero-shot: seen and unseen classes apart
       metrics.update(zeroshot.accuracy_by_group(
           emb["image"], zeroshot.class_embeddings(emb["prompt"]), self.data["labels"], unseen))
     if unseen and self.zeroshot and self.retrieval:  # labels valid on every example
-      metrics.update(retrieval.recall_by_group(emb["image"], emb["caption"], self.data["labels"], unseen))
+      metrics.update(retrieval.recall_by_group(emb["image"], emb["caption"], self.data["labels"], unseen,
+                                               gallery=self.config.eval.retrieval_gallery))
     if "partial" in self.config and self.config.partial.enabled and self.zeroshot and self.retrieval:
       from configs import common  # pylint: disable=g-import-not-at-top
       metrics.update(transport.plan_class_purity(

@@ -1,4 +1,10 @@
-"""Image<->text retrieval recall@K on a held-out set where each image has C captions."""
+"""Image<->text retrieval recall@K on a held-out set where each image has C captions.
+
+`gallery` = N > 0 cuts the set into consecutive galleries of N images (with
+their captions) and ranks every query within its own gallery only, as COCO's
+"1K test" averages five folds of its 5K images: recall at a fixed gallery size,
+measured over more queries than one gallery holds. 0 ranks against the whole set.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +29,27 @@ def ranks(image_emb, caption_emb) -> tuple[np.ndarray, np.ndarray]:
   return i2t_rank, t2i_rank
 
 
-def recall_at_k(image_emb, caption_emb, ks=(1, 5, 10)) -> dict:
+def gallery_ranks(image_emb, caption_emb, gallery: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """`ranks` within consecutive galleries of `gallery` images (0: one gallery of
+  all E), concatenated in query order: [E] and [E*C]."""
+  num_images = caption_emb.shape[0]
+  if gallery == 0:
+    return ranks(image_emb, caption_emb)
+  if not 0 < gallery <= num_images or num_images % gallery:
+    raise ValueError(f"eval.retrieval_gallery: {gallery} does not divide the {num_images} "
+                     "held-out images into equal galleries (0 ranks against all of them)")
+  parts = [ranks(image_emb[s:s + gallery], caption_emb[s:s + gallery])
+           for s in range(0, num_images, gallery)]
+  return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def recall_at_k(image_emb, caption_emb, ks=(1, 5, 10), gallery: int = 0) -> dict:
   """image_emb: [E, D]; caption_emb: [E, C, D] (caption c of image i), both
   L2-normalised. An image query is correct at K if any of its captions ranks
-  in the top K; a caption query is correct if its image does."""
-  num_images = caption_emb.shape[0]
-  i2t_rank, t2i_rank = ranks(image_emb, caption_emb)
+  in the top K; a caption query is correct if its image does. `gallery`: see
+  the module doc."""
+  num_images = gallery or caption_emb.shape[0]
+  i2t_rank, t2i_rank = gallery_ranks(image_emb, caption_emb, gallery)
   out = {}
   for k in ks:
     out[f"retrieval/i2t_r{k}"] = float(np.mean(i2t_rank < k))
@@ -38,13 +59,13 @@ def recall_at_k(image_emb, caption_emb, ks=(1, 5, 10)) -> dict:
   return out
 
 
-def recall_by_group(image_emb, caption_emb, labels, unseen_classes, ks=(1,)) -> dict:
+def recall_by_group(image_emb, caption_emb, labels, unseen_classes, ks=(1,), gallery: int = 0) -> dict:
   """recall@K over the queries of seen and of unseen classes apart, each
   against the whole gallery (images/captions of every class), as in
   generalised zero-shot evaluation. labels: [E], the class of image i and of
   its captions."""
   num_captions = caption_emb.shape[1]
-  i2t_rank, t2i_rank = ranks(image_emb, caption_emb)
+  i2t_rank, t2i_rank = gallery_ranks(image_emb, caption_emb, gallery)
   unseen = np.isin(labels, np.asarray(unseen_classes, dtype=np.asarray(labels).dtype))  # [E]
   caption_unseen = np.repeat(unseen, num_captions)  # [E*C]
   out = {}
