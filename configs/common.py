@@ -335,7 +335,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(isinstance(c.eval.retrieval_gallery, int) and c.eval.retrieval_gallery >= 0,
            "eval.retrieval_gallery", f"must be a non-negative integer, got {c.eval.retrieval_gallery!r}")
   gallery = c.eval.retrieval_gallery
-  _require(not gallery or d.eval_source or (gallery <= d.num_eval and d.num_eval % gallery == 0),
+  _require(not gallery or d.eval_source or d.num_eval % gallery == 0,
            "eval.retrieval_gallery", f"{gallery} does not divide data.num_eval = {d.num_eval} into equal galleries")
   _require(len(c.eval.templates) > 0 and all("{}" in t for t in c.eval.templates),
            "eval.templates", "need at least one template, each with a '{}' for the class name")

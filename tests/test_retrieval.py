@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import common, tiny_cpu
-from ito_jax.evaluate import retrieval
+from ito_jax.evaluate import evaluator, retrieval
 
 
 def _unit(x):
@@ -56,3 +56,13 @@ def test_a_gallery_that_does_not_divide_the_split_is_an_error():
     common.validate(config, num_devices=1)
   config.eval.retrieval_gallery = 250
   common.validate(config, num_devices=1)
+
+
+def test_the_evaluator_rejects_a_gallery_that_does_not_divide_its_eval_set_before_training():
+  # A converted eval source is not sized by the config, so validate() cannot check it.
+  config = tiny_cpu.get_config()
+  config.eval.retrieval_gallery = 4
+  eval_data = {"images": np.zeros((6, 8, 8, 3), np.uint8), "tokens": np.zeros((6, 2, 5), np.int32),
+               "labels": np.zeros(6, np.int32)}
+  with pytest.raises(ValueError, match="eval.retrieval_gallery: 4 does not divide the 6"):
+    evaluator.Evaluator(config, eval_data, ["a", "b"], tokenizer=None)

@@ -50,6 +50,8 @@ class Evaluator:
     self.retrieval = eval_data["tokens"].shape[1] > 0
     if not (self.zeroshot or self.retrieval):
       raise ValueError("evaluation set has neither class names with labels nor captions")
+    if self.retrieval:  # before training, not at its first evaluation
+      retrieval.check_gallery(config.eval.retrieval_gallery, len(eval_data["tokens"]))
     prompts = [t.format(n) for n in names for t in config.eval.templates]
     self.prompt_tokens = tokenizer.encode_batch(prompts, config.model.text.context_length)
     self.num_classes, self.num_templates = len(names), len(config.eval.templates)

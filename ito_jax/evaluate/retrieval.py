@@ -29,15 +29,20 @@ def ranks(image_emb, caption_emb) -> tuple[np.ndarray, np.ndarray]:
   return i2t_rank, t2i_rank
 
 
+def check_gallery(gallery: int, num_images: int) -> None:
+  """Raises unless `gallery` is 0 or cuts `num_images` into equal galleries."""
+  if gallery < 0 or (gallery and num_images % gallery):
+    raise ValueError(f"eval.retrieval_gallery: {gallery} does not divide the {num_images} "
+                     "held-out images into equal galleries (0 ranks against all of them)")
+
+
 def gallery_ranks(image_emb, caption_emb, gallery: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """`ranks` within consecutive galleries of `gallery` images (0: one gallery of
   all E), concatenated in query order: [E] and [E*C]."""
   num_images = caption_emb.shape[0]
+  check_gallery(gallery, num_images)
   if gallery == 0:
     return ranks(image_emb, caption_emb)
-  if not 0 < gallery <= num_images or num_images % gallery:
-    raise ValueError(f"eval.retrieval_gallery: {gallery} does not divide the {num_images} "
-                     "held-out images into equal galleries (0 ranks against all of them)")
   parts = [ranks(image_emb[s:s + gallery], caption_emb[s:s + gallery])
            for s in range(0, num_images, gallery)]
   return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -61,7 +66,7 @@ def recall_at_k(image_emb, caption_emb, ks=(1, 5, 10), gallery: int = 0) -> dict
 
 def recall_by_group(image_emb, caption_emb, labels, unseen_classes, ks=(1,), gallery: int = 0) -> dict:
   """recall@K over the queries of seen and of unseen classes apart, each
-  against the whole gallery (images/captions of every class), as in
+  against its whole gallery (images/captions of every class), as in
   generalised zero-shot evaluation. labels: [E], the class of image i and of
   its captions."""
   num_captions = caption_emb.shape[1]
