@@ -201,6 +201,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Retrieval ranks each query among this many images (consecutive galleries of
   # the eval split, averaged, like COCO's 5 x 1K); 0: among the whole split.
   e.retrieval_gallery = 0
+  # WORKDIR/embeddings.npz holds the first this many held-out images and their
+  # first captions (plots, benchmarks/attribute_purity.py); 0: the whole split.
+  e.embeddings_limit = 512
   c.lock()  # unknown fields (typos in files or overrides) raise, naming the field
   return c
 
@@ -337,6 +340,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   gallery = c.eval.retrieval_gallery
   _require(not gallery or d.eval_source or d.num_eval % gallery == 0,
            "eval.retrieval_gallery", f"{gallery} does not divide data.num_eval = {d.num_eval} into equal galleries")
+  _require(isinstance(c.eval.embeddings_limit, int) and c.eval.embeddings_limit >= 0,
+           "eval.embeddings_limit", f"must be a non-negative integer, got {c.eval.embeddings_limit!r}")
   _require(len(c.eval.templates) > 0 and all("{}" in t for t in c.eval.templates),
            "eval.templates", "need at least one template, each with a '{}' for the class name")
 

@@ -49,6 +49,7 @@ def get_config(arg=None):
   # falls from ~0.008 to ~0.003), and ~560 unseen-class images for zero-shot.
   c.data.num_eval = 2500
   c.eval.retrieval_gallery = 500
+  c.eval.embeddings_limit = 0  # all 2500 in embeddings.npz, for benchmarks/attribute_purity.py
   if arg == "runlocal":
     c.total_steps = 20
     c.log_every_steps = 5

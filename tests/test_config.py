@@ -25,6 +25,7 @@ def tiny():
     ("loss.itm_weight", 1.0, "config.loss.itm_weight: is non-zero but model.fusion.enabled is False"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate"),
     ("eval.templates", ("no placeholder",), "config.eval.templates"),
+    ("eval.embeddings_limit", -1, "config.eval.embeddings_limit: must be a non-negative integer"),
     ("checkpoint_every_steps", 0, "config.checkpoint_every_steps: must be a positive integer"),
     ("keep_checkpoints", 0, "config.keep_checkpoints: must be a positive integer"),
 ])

@@ -103,6 +103,27 @@ def test_gs_workdir_metrics_tensorboard_and_embeddings(fake_gcs):
   assert "/bucket/runs/a/metrics.jsonl" in fake_gcs
 
 
+def test_embeddings_limit_zero_keeps_the_whole_split():
+  """eval.embeddings_limit: the first `limit` held-out pairs, or all with 0."""
+  from flax import nnx
+  from ito_jax.models.ito import ItoModel
+  config = tiny_cpu.get_config("runlocal")
+  with nnx.use_eager_sharding(False):
+    model = ItoModel(config.model, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  n, length = 7, config.model.text.context_length
+  data = {"images": rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32),
+          "tokens": rng.integers(3, 50, (n, 2, length)).astype(np.int32),
+          "labels": np.arange(n, dtype=np.int32)}
+  every = embeddings.compute(model, data, batch_size=4, limit=0)
+  first = embeddings.compute(model, data, batch_size=4, limit=3)
+  assert every["image"].shape == every["text"].shape == (n, config.model.embed_dim)
+  np.testing.assert_array_equal(every["labels"], data["labels"])
+  assert first["image"].shape == (3, config.model.embed_dim)
+  np.testing.assert_allclose(first["image"], every["image"][:3], atol=1e-6)
+  np.testing.assert_allclose(first["text"], every["text"][:3], atol=1e-6)
+
+
 def test_embeddings_load_names_what_is_wrong(tmp_path):
   with pytest.raises(FileNotFoundError, match="embeddings.npz does not exist"):
     embeddings.load(tmp_path / "embeddings.npz")

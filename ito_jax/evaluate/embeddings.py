@@ -1,7 +1,8 @@
 """A small dump of held-out embeddings, WORKDIR/embeddings.npz, for the
 embedding scatter of `ito_jax.plots` and the notebook's modality-gap picture.
 
-It holds the first `limit` examples of the eval split, each image with its
+It holds the first `limit` examples of the eval split (config
+`eval.embeddings_limit`; 0: all of it), each image with its
 first caption: `image` [n, E] f32, `text` [n, E] f32 (row i of each is a true
 pair), `labels` [n] i32. Written with np.savez (no pickled objects) through
 epath, so the workdir may be a gs:// path.
@@ -20,10 +21,10 @@ KEYS = ("image", "text", "labels")
 
 
 def compute(model, eval_data: dict, batch_size: int, limit: int = 512) -> dict[str, np.ndarray]:
-  """Embeds the first `limit` eval images and their first captions.
+  """Embeds the first `limit` eval images and their first captions (0: all).
 
   eval_data: `pipeline.eval_arrays` output (images [E, H, W, 3], tokens [E, C, L], labels [E])."""
-  n = min(limit, len(eval_data["images"]))
+  n = len(eval_data["images"]) if limit == 0 else min(limit, len(eval_data["images"]))
   return {
       "image": embed_in_batches(_embed_images, model, eval_data["images"][:n], batch_size),
       "text": embed_in_batches(_embed_texts, model, eval_data["tokens"][:n, 0], batch_size),
