@@ -125,6 +125,13 @@ def base_config() -> ml_collections.ConfigDict:
   # divergence W(a, b) - W(a, a)/2 - W(b, b)/2: plain W_eps also rewards shrinking
   # both embedding clouds (ito_jax/objective_ot.py), which collapses trainable towers.
   c.ot.debias = False
+  # "" | "image" | "text": the modality whose measures R_ot holds fixed (no
+  # gradient), so the regularizer moves only the other tower's embeddings
+  # towards them; "" trains both. "image" also skips the backward pass through
+  # the image tower for the unaligned images. Measured at ρ = 5% (README, OT
+  # section): "image" raised unseen-class zero-shot accuracy over both-trained
+  # at 300 steps but not held-out R@1, and lowered i2t R@1 at 900 steps.
+  c.ot.stop_gradient = ""
 
   # ---- partially aligned data (DESIGN.md "R_ot"; ito_jax/data/partial.py) ----
   # A fraction of the training samples stays as aligned pairs; the rest is split
@@ -347,7 +354,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
 
 
 # Fields of the `ot` section that the trainer reads; the rest go to the solver.
-OT_TRAINER_FIELDS = ("start_step", "include_aligned", "debias")
+OT_TRAINER_FIELDS = ("start_step", "include_aligned", "debias", "stop_gradient")
 
 
 def ot_solver_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -376,6 +383,8 @@ def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num
            f"must be a non-negative integer, got {c.ot.start_step!r}")
   for field in ("include_aligned", "debias"):
     _require(isinstance(c.ot[field], bool), f"ot.{field}", f"must be True or False, got {c.ot[field]!r}")
+  _require(c.ot.stop_gradient in ("", "image", "text"), "ot.stop_gradient",
+           f"expected '', 'image' or 'text', got {c.ot.stop_gradient!r}")
   p = c.partial
   _require(isinstance(p.enabled, bool), "partial.enabled", f"must be True or False, got {p.enabled!r}")
   _require(not c.ot.include_aligned or p.enabled, "ot.include_aligned", "needs partial.enabled")

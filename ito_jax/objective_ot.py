@@ -14,6 +14,9 @@ Measures, by mode:
 * otherwise: every image view and every text view of the aligned batch
   (K = M + N measures of [B, E]).
 
+With ot.stop_gradient = "image" (or "text") that modality's measures enter
+R_ot as fixed targets: its gradient reaches only the other tower.
+
 The weight is λ_ot · [optimizer step >= ot.start_step], a traced multiplier,
 so the regularizer switches on mid-run without recompiling. With
 ot.debias the W_eps terms become Sinkhorn divergences (`self_transport`).
@@ -42,7 +45,7 @@ def measures(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
   if not config.partial.enabled:
     m, n = out["image_emb"].shape[1], out["text_emb"].shape[1]
     views = [out["image_emb"][:, i] for i in range(m)] + [out["text_emb"][:, j] for j in range(n)]
-    return views, jnp.int32(0)
+    return _hold_fixed(views, m, config.ot.stop_gradient), jnp.int32(0)
   for key in ("unaligned_images", "unaligned_tokens"):
     if key not in batch:
       raise ValueError(f"batch[{key!r}]: missing; config.partial.enabled needs the partial pipeline "
@@ -58,7 +61,15 @@ def measures(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
   if config.ot.include_aligned:  # validated: V == 1
     image = jnp.concatenate([image, out["image_emb"][:, :1]])  # [U + B, 1, E]
     text = jnp.concatenate([text, out["text_emb"][:, :1]])  # [U + B, 1, E]
-  return [image[:, i] for i in range(v)] + [text[:, i] for i in range(v)], jnp.sum(~finite_rows)
+  views = [image[:, i] for i in range(v)] + [text[:, i] for i in range(v)]
+  return _hold_fixed(views, v, config.ot.stop_gradient), jnp.sum(~finite_rows)
+
+
+def _hold_fixed(views: list[jax.Array], num_image: int, modality: str) -> list[jax.Array]:
+  """views: the image measures (the first num_image), then the text measures;
+  those of `modality` ("image" | "text" | "": none) without gradient."""
+  fixed = {"image": range(num_image), "text": range(num_image, len(views)), "": ()}[modality]
+  return [jax.lax.stop_gradient(x) if k in fixed else x for k, x in enumerate(views)]
 
 
 def self_transport(xs: list[jax.Array], solver: ml_collections.ConfigDict) -> list[jax.Array]:

@@ -111,18 +111,22 @@ def test_subset_reads_the_indexed_records(built):
 @pytest.fixture(scope="module")
 def steppers():
   """Compiled train steps with ot_weight 0 (contrastive only: the OT term is
-  not even built) and 1, one initial state, and a random partial batch."""
-  c = micro_config()
+  not even built) and 1 (R_ot into both towers), and with ot_weight 1 holding
+  the "image" or the "text" measures fixed (ot.stop_gradient); one initial
+  state, and a random partial batch. Gradient clipping is off: clipping the
+  global norm would couple one tower's update to the other's gradient."""
+  c = micro_config(**{"ot.stop_gradient": "", "optim.grad_clip_norm": 0.0})
   common.validate(c)
   mesh = sharding.make_mesh(c)
   batch = sharding.put_batch(bench.random_batch(c), mesh)
   steps, state = {}, None
-  for ot_weight in (0.0, 1.0):
+  for key, ot_weight, fixed in ((0.0, 0.0, ""), (1.0, 1.0, ""), ("image", 1.0, "image"), ("text", 1.0, "text")):
     cfg = c.copy_and_resolve_references()
     cfg.loss.ot_weight = ot_weight
+    cfg.ot.stop_gradient = fixed
     model, optimizer = train.create_model_and_optimizer(cfg, mesh)  # same seed: same init
     graphdef, state = nnx.split((model, optimizer))
-    steps[ot_weight] = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, cfg)
+    steps[key] = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, cfg)
   return c, graphdef, state, batch, steps
 
 
@@ -163,6 +167,22 @@ def test_ot_gradient_reaches_both_towers_and_is_gated_by_start_step(steppers):
   expected = jax.jit(lambda xs: ot_lib.ot_regularizer(xs, common.ot_solver_config(c))[0])(xs)
   np.testing.assert_allclose(float(m1b["loss/ot"]), float(expected), rtol=1e-4)
   np.testing.assert_allclose(float(m1b["loss"]), float(m1b["loss/align"]) + float(expected), rtol=1e-4)
+
+
+@pytest.mark.parametrize("fixed,moved", [("image", "text_tower"), ("text", "image_tower")])
+def test_stop_gradient_holds_one_modality_fixed(steppers, fixed, moved):
+  """ot.stop_gradient: R_ot's value is unchanged, but the fixed modality's
+  tower gets the contrastive-only update and only the other tower moves."""
+  _, _, state0, batch, steps = steppers
+  s1, _ = _run(steps[0.0], state0, batch)  # past start_step
+  contrastive, _ = _run(steps[0.0], s1, batch)
+  both, m_both = _run(steps[1.0], s1, batch)
+  held, m_held = _run(steps[fixed], s1, batch)
+  np.testing.assert_allclose(float(m_held["loss/ot"]), float(m_both["loss/ot"]), rtol=1e-6)
+  still = {"image": "image_tower", "text": "text_tower"}[fixed]
+  assert _same(_params(contrastive, still), _params(held, still)), still
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(_params(contrastive, moved), _params(held, moved)))
+  assert diff > 1e-6, (moved, diff)
 
 
 def test_train_step_switches_ot_on_without_recompiling(steppers):
@@ -302,6 +322,7 @@ def test_evaluator_reports_seen_and_unseen_keys(built):
     ("ot.min_points", 200, "config.ot.min_points: each R_ot measure gets 128 points per step "
                            "(partial.unaligned_batch_size), fewer than 200"),
     ("ot.marginal_tolerance", -1.0, "config.ot.marginal_tolerance: must be a positive number"),
+    ("ot.stop_gradient", "images", "config.ot.stop_gradient: expected '', 'image' or 'text', got 'images'"),
 ])
 def test_invalid_partial_and_ot_fields_name_the_field(field, value, match):
   c = ot_partial_tiny_cpu.get_config()
