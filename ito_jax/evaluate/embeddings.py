@@ -20,7 +20,7 @@ from ito_jax.evaluate.evaluator import _embed_images, _embed_texts, embed_in_bat
 KEYS = ("image", "text", "labels")
 
 
-def compute(model, eval_data: dict, batch_size: int, limit: int = 512) -> dict[str, np.ndarray]:
+def compute(model, eval_data: dict, batch_size: int, limit: int) -> dict[str, np.ndarray]:
   """Embeds the first `limit` eval images and their first captions (0: all).
 
   eval_data: `pipeline.eval_arrays` output (images [E, H, W, 3], tokens [E, C, L], labels [E])."""
