@@ -1,6 +1,5 @@
 """MetricsWriter: metrics.jsonl and TensorBoard events, locally and on gs://."""
 
-import json
 import struct
 
 import numpy as np
