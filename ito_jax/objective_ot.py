@@ -24,7 +24,10 @@ ot.debias the W_eps terms become Sinkhorn divergences (`self_transport`).
 Bad input never reaches the parameters as NaN: if an unaligned image or any
 point of a measure is non-finite, the image is zeroed before the tower, the
 measures are replaced by finite stand-ins, the term's weight is zero (so its
-gradient is exactly zero), and `ot/nonfinite_points` counts the offenders.
+gradient is exactly zero), and `ot/nonfinite_points` counts the offenders. A
+non-finite R_ot (or plan contrast) value from finite points is dropped the same
+way and counted in `ot/nonfinite_value`. With ot.debias the self-transport
+solves count towards `ot/unconverged` and `ot/marginal_error` too.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def _hold_fixed(views: list[jax.Array], num_image: int, modality: str) -> list[j
   return [jax.lax.stop_gradient(x) if k in fixed else x for k, x in enumerate(views)]
 
 
-def self_transport(xs: list[jax.Array], solver: ml_collections.ConfigDict) -> list[jax.Array]:
+def self_transport(xs: list[jax.Array], solver: ml_collections.ConfigDict,
+                   solves: list[tuple] | None = None) -> list[jax.Array]:
   """The debiasing terms that turn R_ot's W_eps into Sinkhorn divergences,
   S(a, b) = W_eps(a, b) - W_eps(a, a) / 2 - W_eps(b, b) / 2: for each measure,
   (its number of pair terms, or its barycenter weight) / 2 * W_eps(mu_k, mu_k).
@@ -82,6 +86,7 @@ def self_transport(xs: list[jax.Array], solver: ml_collections.ConfigDict) -> li
   distributions match, which with trainable towers on both sides ends in
   collapse; S is zero, with zero gradient, when they match. For the
   barycenter the constant -W_eps(nu*, nu*) / 2 (no gradient) is left out.
+  `solves`: `self_solves(xs, solver)` when the caller already has them.
   """
   num = len(xs)
   if solver.variant == "loop":
@@ -89,9 +94,15 @@ def self_transport(xs: list[jax.Array], solver: ml_collections.ConfigDict) -> li
   else:
     w = solver.weights or (1.0,) * num
     counts = [v / sum(w) for v in w]
-  return [0.5 * c * ot_lib.wasserstein(x, x, cost=solver.cost, epsilon=solver.epsilon,
-                                       num_iterations=solver.num_iterations)[0]
-          for c, x in zip(counts, xs)]
+  solves = solves if solves is not None else self_solves(xs, solver)
+  return [0.5 * c * value for c, (value, _) in zip(counts, solves)]
+
+
+def self_solves(xs: list[jax.Array], solver: ml_collections.ConfigDict) -> list[tuple]:
+  """(W_eps(mu_k, mu_k), its plan) for each measure: the solves behind
+  `self_transport`, whose plans count towards `ot/unconverged` like R_ot's."""
+  return [ot_lib.wasserstein(x, x, cost=solver.cost, epsilon=solver.epsilon,
+                             num_iterations=solver.num_iterations) for x in xs]
 
 
 def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, step=None):
@@ -105,18 +116,29 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
   solver = common.ot_solver_config(config)
   value, aux, coupling = ot_lib.ot_regularizer_and_coupling(xs, solver)
   if config.ot.debias:
-    self_terms = self_transport(xs, solver)
+    solves = self_solves(xs, solver)
+    self_terms = self_transport(xs, solver, solves)
     value = value - sum(self_terms)
     aux["self_transport"] = sum(self_terms)
+    checked = ot_lib.convergence([plan for _, plan in solves], solver.marginal_tolerance)
+    aux["unconverged"] = aux["unconverged"] + checked["unconverged"]
+    aux["marginal_error"] = jnp.maximum(aux["marginal_error"], checked["marginal_error"])
   gate = jnp.float32(1.0) if step is None else (step >= config.ot.start_step).astype(jnp.float32)
-  weight = config.loss.ot_weight * gate * finite.astype(jnp.float32)
-  value = jnp.where(jnp.isfinite(value), value, 0.0)
-  metrics = {"loss/ot": value, "ot/weight": weight, "ot/nonfinite_points": bad}
+  # A non-finite value from finite points (an overflowing solve) is counted in
+  # `ot/nonfinite_value` and its term dropped: zero weight, so zero gradient.
+  value_ok = jnp.isfinite(value)
+  weight = config.loss.ot_weight * gate * (finite & value_ok).astype(jnp.float32)
+  value = jnp.where(value_ok, value, 0.0)
+  metrics = {"loss/ot": value, "ot/weight": weight, "ot/nonfinite_points": bad,
+             "ot/nonfinite_value": (~value_ok).astype(jnp.int32)}
   term = weight * value
   if config.loss.ot_plan_contrast_weight:
     contrast, contrast_aux = plan_contrast(xs[0], xs[1], coupling, jax.lax.stop_gradient(model.logit_scale))
-    contrast = jnp.where(jnp.isfinite(contrast), contrast, 0.0)
-    term = term + config.loss.ot_plan_contrast_weight * gate * finite.astype(jnp.float32) * contrast
+    contrast_ok = jnp.isfinite(contrast)
+    contrast = jnp.where(contrast_ok, contrast, 0.0)
+    term = term + (config.loss.ot_plan_contrast_weight * gate
+                   * (finite & contrast_ok).astype(jnp.float32) * contrast)
+    metrics["ot/nonfinite_value"] = metrics["ot/nonfinite_value"] + (~contrast_ok).astype(jnp.int32)
     metrics["loss/ot_plan_contrast"] = contrast
     metrics.update({f"ot/{k}": v for k, v in contrast_aux.items()})
   metrics.update({f"ot/{k}": jax.lax.stop_gradient(v) for k, v in aux.items()})

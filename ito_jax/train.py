@@ -10,6 +10,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
@@ -129,6 +130,27 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
 # =============================================================================
 # Loop
 # =============================================================================
+# Per-step counts of bad input that a log line must not sample from its own
+# step only: summed over the steps since the previous log line (and the worst
+# marginal error taken over them), so a bad step between log lines is counted.
+SUMMED_METRICS = ("ot/nonfinite_points", "ot/nonfinite_value", "ot/unconverged")
+MAXED_METRICS = ("ot/marginal_error",)
+
+
+@jax.jit
+def _tally(tally: dict, metrics: dict) -> dict:
+  return {k: jnp.add(v, metrics[k]) if k in SUMMED_METRICS else jnp.maximum(v, metrics[k])
+          for k, v in tally.items()}
+
+
+def tally_counts(tally: dict | None, metrics: dict) -> dict:
+  """The running SUMMED_METRICS / MAXED_METRICS of one step's `metrics`
+  added to `tally` (None: the first step since a log line). Stays on device:
+  no host sync per step."""
+  step = {k: metrics[k] for k in SUMMED_METRICS + MAXED_METRICS if k in metrics}
+  return step if tally is None or not step else _tally(tally, step)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains for config.total_steps, evaluates periodically, writes
   WORKDIR/metrics.jsonl (+ TensorBoard events in WORKDIR/tensorboard),
@@ -180,13 +202,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_last, steps_since_log = time.perf_counter(), 0
   bar = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
              dynamic_ncols=True, disable=jax.process_index() != 0)
+  tally = None  # the counted metrics since the last log line, on device
   for step in range(start_step + 1, config.total_steps + 1):
     batch = sharding.put_batch(next(train_iter), mesh)
     state, metrics = train_step(state, batch)
+    tally = tally_counts(tally, metrics)
     steps_since_log += 1
     bar.update(1)
     if step % config.log_every_steps == 0 or step == config.total_steps:
-      metrics = jax.device_get(metrics)  # the loop's only host sync between evals
+      metrics = jax.device_get({**metrics, **tally})  # the loop's only host sync between evals
+      tally = None
       elapsed = time.perf_counter() - t_last
       metrics["learning_rate"] = schedule(step - 1)
       metrics["examples_per_sec"] = steps_since_log * config.batch_size / elapsed

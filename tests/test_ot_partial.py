@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from configs import common, ot_partial_tiny_cpu
-from ito_jax import bench, objective_ot, sharding, train
+from ito_jax import bench, objective, objective_ot, sharding, train
+from ito_jax import metrics as metrics_lib
 from ito_jax.data import partial, pipeline, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import evaluator, retrieval, transport, zeroshot
@@ -210,6 +211,86 @@ def test_nonfinite_unaligned_input_is_counted_and_adds_no_gradient(steppers):
   for tower in ("image_tower", "text_tower"):
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in _params(s1b, tower))
     assert _same(_params(s0b, tower), _params(s1b, tower)), tower
+
+
+def test_nonfinite_ot_value_from_finite_points_is_counted_and_dropped(steppers, monkeypatch):
+  """A W_eps that comes out non-finite although every point is finite (an
+  overflowing solve) is counted in ot/nonfinite_value and left out of the
+  loss, with zero weight and zero gradient."""
+  c, graphdef, state0, batch, _ = steppers
+  cfg = c.copy_and_resolve_references()
+  cfg.loss.ot_weight = 1.0
+  model, _ = nnx.merge(graphdef, state0)
+  term = lambda m: objective_ot.ot_loss(m, batch, objective.embed_batch(m, batch), cfg)
+  _, metrics = term(model)
+  assert int(metrics["ot/nonfinite_value"]) == 0 and float(metrics["ot/weight"]) == 1.0
+  real = ot_lib.ot_regularizer_and_coupling
+  monkeypatch.setattr(objective_ot.ot_lib, "ot_regularizer_and_coupling",
+                      lambda xs, solver: (lambda v, aux, p: (v + jnp.nan, aux, p))(*real(xs, solver)))
+  (value, metrics), grads = nnx.value_and_grad(term, has_aux=True)(model)
+  assert int(metrics["ot/nonfinite_value"]) == 1 and int(metrics["ot/nonfinite_points"]) == 0
+  assert float(metrics["ot/weight"]) == 0.0 and float(value) == 0.0
+  leaves = jax.tree.leaves(grads)
+  assert leaves and all(bool(jnp.all(g == 0)) for g in leaves)
+
+
+def test_debias_self_solves_count_towards_unconverged(steppers):
+  """With ot.debias the W_eps(mu_k, mu_k) solves are checked like R_ot's own:
+  after one Sinkhorn iteration ot/unconverged adds the self-solves that miss
+  their marginals to the K = 2 loop's one solve."""
+  c, graphdef, state0, batch, _ = steppers
+  model, _ = nnx.merge(graphdef, state0)
+  out = objective.embed_batch(model, batch)
+  counts, errors = {}, {}
+  for debias in (False, True):
+    cfg = c.copy_and_resolve_references()
+    cfg.ot.update(num_iterations=1, marginal_tolerance=1e-6, debias=debias)
+    _, metrics = objective_ot.ot_loss(model, batch, out, cfg)
+    counts[debias], errors[debias] = float(metrics["ot/unconverged"]), float(metrics["ot/marginal_error"])
+  xs, _ = objective_ot.measures(model, batch, out, cfg)
+  self_check = ot_lib.convergence([p for _, p in objective_ot.self_solves(xs, common.ot_solver_config(cfg))],
+                                  1e-6)
+  assert counts[False] == 1.0 and float(self_check["unconverged"]) >= 1.0
+  assert counts[True] == counts[False] + float(self_check["unconverged"])
+  assert errors[True] == pytest.approx(max(errors[False], float(self_check["marginal_error"])))
+
+
+def test_bad_input_counts_are_summed_between_log_lines():
+  """train.tally_counts: a log line reports the counts of every step since
+  the previous one (the worst marginal error), not just its own step's."""
+  steps = [dict(loss=1.0, nonfinite=0, unconverged=1.0, error=0.2),
+           dict(loss=2.0, nonfinite=2, unconverged=0.0, error=0.5),
+           dict(loss=3.0, nonfinite=1, unconverged=1.0, error=0.1)]
+  tally = None
+  for f in steps:
+    tally = train.tally_counts(tally, {"loss": jnp.float32(f["loss"]),
+                                       "ot/nonfinite_points": jnp.int32(f["nonfinite"]),
+                                       "ot/unconverged": jnp.float32(f["unconverged"]),
+                                       "ot/marginal_error": jnp.float32(f["error"])})
+  assert {k: float(v) for k, v in tally.items()} == pytest.approx(
+      {"ot/nonfinite_points": 3.0, "ot/unconverged": 2.0, "ot/marginal_error": 0.5})
+  assert train.tally_counts(None, {"loss": jnp.float32(1.0)}) == {}  # contrastive-only: nothing counted
+
+
+@pytest.mark.slow
+def test_training_logs_counts_of_the_steps_between_log_lines(built, tmp_path, monkeypatch):
+  """End to end: a step that counts one unconverged solve, logged every
+  second step, shows 2 on each log line."""
+  data_dir, _, _ = built
+  real = train.make_train_step
+
+  def counting(*args, **kwargs):
+    step = real(*args, **kwargs)
+    def counted(state, batch):
+      state, metrics = step(state, batch)
+      return state, {**metrics, "ot/unconverged": jnp.float32(1.0)}
+    return counted
+
+  monkeypatch.setattr(train, "make_train_step", counting)
+  c = _data_config(data_dir, **{"total_steps": 4, "log_every_steps": 2, "eval_every_steps": 4})
+  train.train_and_evaluate(c, str(tmp_path))
+  lines = [r for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
+  assert [(r["step"], r["ot/unconverged"]) for r in lines] == [(2, 2.0), (4, 2.0)]
 
 
 @pytest.mark.parametrize("variant", ["loop", "barycenter"])
