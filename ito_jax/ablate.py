@@ -56,6 +56,23 @@ def variant_config(full: ml_collections.ConfigDict, variant: str) -> ml_collecti
   return c
 
 
+class Preempted(Exception):
+  """A run stopped at a preemption signal with its checkpoint saved. The
+  comparison stops there and writes no tables: rerunning the same command
+  resumes that run and reads back the runs that finished."""
+
+
+def train_run(train, config: ml_collections.ConfigDict, run_dir: str) -> dict:
+  """train.train_and_evaluate(config, run_dir), raising Preempted if a
+  preemption signal stopped it (the next run must not start, nor a table hold
+  a run that did not finish)."""
+  result = train.train_and_evaluate(config, run_dir)
+  if result.get("preempted"):
+    raise Preempted(f"{run_dir}: preempted, checkpoint of step {result['step']} saved; "
+                    "rerun the same command to resume")
+  return result
+
+
 def final_metrics(workdir: str) -> dict:
   """eval.json plus the last logged training saturation and alignment loss."""
   with open(os.path.join(workdir, "eval.json")) as f:
@@ -139,28 +156,16 @@ def plot_gap(workdir: str, run_dirs: dict) -> str:
   return path
 
 
-def main(argv):
-  del argv
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError("--config and --workdir are required")
-  from ito_jax import train
+def run_ablation(full: ml_collections.ConfigDict, workdir: str, variants, seeds) -> dict:
+  """Trains (or reads back) every variant of the full-ITO config with each
+  seed under workdir and writes the tables and the gap plot; returns
+  {variant: figures}. A run stopped by a preemption signal raises Preempted
+  before any table is written; the same call resumes it."""
+  from ito_jax import train  # jax and the data stack load only when running
 
-  workdir = FLAGS.workdir
-  if FLAGS.config.partial.enabled:
-    from ito_jax import ot_compare
-
-    variants = FLAGS.variants or list(ot_compare.VARIANTS)
-    fractions = [float(v) for v in FLAGS.aligned_fractions]
-    rows = ot_compare.compare(FLAGS.config, workdir, variants, fractions,
-                              [int(v) for v in FLAGS.seeds])
-    print(f"\n{os.path.join(workdir, 'ablation.md')}:\n{ot_compare.table(rows)}")
-    return
-  variants = FLAGS.variants or list(VARIANTS)
-  # One data set for all variants: generated once under DIR/data.
-  full = FLAGS.config
-  if not full.data.data_dir:
+  if not full.data.data_dir:  # one data set for all variants: generated once under DIR/data
     full.data.data_dir = os.path.join(workdir, "data")
-  seeds = [int(s) for s in FLAGS.seeds] or [full.seed]
+  seeds = list(seeds or [full.seed])
   results, first_runs = {}, {}
   for v in variants:
     per_seed = {}
@@ -170,7 +175,7 @@ def main(argv):
       config.seed = seed
       if not finished(run_dir, config):
         print(f"== training variant {v}, seed {seed}, in {run_dir}")
-        train.train_and_evaluate(config, run_dir)
+        train_run(train, config, run_dir)
       per_seed[seed] = final_metrics(run_dir)
       first_runs.setdefault(v, run_dir)
     results[v] = over_seeds(per_seed)
@@ -181,6 +186,26 @@ def main(argv):
     f.write(table)
   print(table)
   print("gap plot:", plot_gap(workdir, first_runs))
+  return results
+
+
+def main(argv):
+  del argv
+  if FLAGS.config is None or FLAGS.workdir is None:
+    raise app.UsageError("--config and --workdir are required")
+  workdir, seeds = FLAGS.workdir, [int(s) for s in FLAGS.seeds]
+  try:
+    if FLAGS.config.partial.enabled:
+      from ito_jax import ot_compare
+
+      variants = FLAGS.variants or list(ot_compare.VARIANTS)
+      fractions = [float(v) for v in FLAGS.aligned_fractions]
+      rows = ot_compare.compare(FLAGS.config, workdir, variants, fractions, seeds)
+      print(f"\n{os.path.join(workdir, 'ablation.md')}:\n{ot_compare.table(rows)}")
+    else:
+      run_ablation(FLAGS.config, workdir, FLAGS.variants or list(VARIANTS), seeds)
+  except Preempted as e:
+    print(f"\nPreempted: {e}")
 
 
 FLAGS = flags.FLAGS

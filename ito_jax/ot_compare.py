@@ -56,9 +56,33 @@ def run_config(base: ml_collections.ConfigDict, variant: str, aligned_fraction: 
   return c
 
 
+_MINUTES = "train_minutes.json"  # in each run dir: its training minutes so far
+
+
+def _minutes(run_dir: str) -> float:
+  """The training minutes recorded for run_dir, NaN for a run finished
+  before they were recorded."""
+  try:
+    with open(os.path.join(run_dir, _MINUTES)) as f:
+      return float(json.load(f)["minutes"])
+  except FileNotFoundError:
+    return float("nan")
+
+
+def _add_minutes(run_dir: str, minutes: float) -> None:
+  earlier = _minutes(run_dir)
+  total = minutes + (0.0 if earlier != earlier else earlier)  # NaN: none recorded yet
+  tmp = os.path.join(run_dir, _MINUTES + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"minutes": total}, f)
+  os.replace(tmp, os.path.join(run_dir, _MINUTES))
+
+
 def table(rows: list[dict]) -> str:
   """Markdown: one row per (ρ, run); 'mean ± std' cells when a row spans several
-  seeds; 'min' is the training minutes (summed over the row's seeds)."""
+  seeds; 'min' is the training minutes, summed over the row's seeds (recorded
+  in each run dir, so runs read back keep theirs; a run trained again after a
+  hard kill counts only what its resumed invocations timed)."""
   head = ["ρ", "run", "seeds", *[t for _, t in COLUMNS], "min"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
@@ -79,7 +103,8 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
   split stay fixed); None or empty means the config's own. The config's seed
   runs in DIR/rho{ρ}_{variant}, others in DIR/rho{ρ}_{variant}_seed{s}; a row
   holds the mean over seeds, and with several seeds 'std/<key>' and each
-  seed's figures ('per_seed')."""
+  seed's figures ('per_seed'). A run stopped by a preemption signal raises
+  ablate.Preempted before any table is written; the same call resumes it."""
   from ito_jax import train  # jax and the data stack load only when running
 
   if not base.partial.enabled:
@@ -108,8 +133,11 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
           if tokenizer:  # one tokenizer for all runs (train.prepare_inputs loads it if present)
             shutil.copyfile(tokenizer, os.path.join(run_dir, "tokenizer.model"))
           t0 = time.perf_counter()
-          per_seed[seed] = train.train_and_evaluate(config, run_dir)
-          minutes += (time.perf_counter() - t0) / 60
+          try:
+            per_seed[seed] = ablate.train_run(train, config, run_dir)
+          finally:  # a preempted run's minutes add up over the invocations that resume it
+            _add_minutes(run_dir, (time.perf_counter() - t0) / 60)
+        minutes += _minutes(run_dir)
         tokenizer = tokenizer or os.path.join(run_dir, "tokenizer.model")
       rows.append({"aligned_fraction": rho, "run": variant, "seeds": seeds,
                    "workdir": os.path.join(workdir, f"rho{rho:g}_{variant}"),
@@ -129,8 +157,12 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required")
   fractions = [float(v) for v in flags.FLAGS.aligned_fractions] or [config.partial.aligned_fraction]
-  rows = compare(config, workdir, flags.FLAGS.variants, fractions,
-                 [int(v) for v in flags.FLAGS.seeds])
+  try:
+    rows = compare(config, workdir, flags.FLAGS.variants, fractions,
+                   [int(v) for v in flags.FLAGS.seeds])
+  except ablate.Preempted as e:
+    print(f"\nPreempted: {e}")
+    return
   print(f"\n{os.path.join(workdir, 'ablation.md')}:\n{table(rows)}")
 
 

@@ -136,3 +136,22 @@ def test_ablation_over_seeds_reports_mean_and_spread():
   assert row.startswith("| ito | 0.200 ± 0.100 |")
   single = over_seeds({0: per_seed[0]})
   assert single == per_seed[0] and "±" not in markdown_table({"ito": single})
+
+
+def test_a_preempted_ablation_run_stops_before_any_table(config, tmp_path, monkeypatch):
+  """A run that a preemption signal stopped (train_and_evaluate returns
+  {"preempted": True}, its checkpoint saved) ends the ablation there: no next
+  variant, no table, and a message saying how to resume."""
+  from ito_jax import ablate, train
+  trained = []
+
+  def preempted(config, run_dir):
+    trained.append(run_dir)
+    return {"step": 3, "preempted": True}
+
+  monkeypatch.setattr(train, "train_and_evaluate", preempted)
+  with pytest.raises(ablate.Preempted, match=r"baseline: preempted, checkpoint of step 3 saved; "
+                                             r"rerun the same command to resume"):
+    ablate.run_ablation(config, str(tmp_path), VARIANTS, [])
+  assert trained == [str(tmp_path / "baseline")]
+  assert not (tmp_path / "ablation.json").exists() and not (tmp_path / "ablation.md").exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import ot_partial_tiny_cpu
-from ito_jax import ot_compare
+from ito_jax import ablate, ot_compare, train
 from partial_helpers import micro_config
 
 
@@ -52,7 +52,8 @@ def test_ot_compare_over_seeds_reports_mean_and_std_and_resumes(tmp_path):
   assert " ± " in (tmp_path / "ablation.md").read_text()
   # A second call reads the finished runs back instead of training them again.
   again = ot_compare.compare(c, str(tmp_path), ["contrastive"], [0.2], seeds=[0, 5])
-  assert again[0]["train_minutes"] == 0.0 and again[0]["eval"] == row["eval"]
+  assert again[0]["eval"] == row["eval"]
+  assert again[0]["train_minutes"] == row["train_minutes"] > 0  # recorded in the run dirs
   # A finished run of another config is not mixed into the table.
   c.optim.learning_rate = 0.5 * c.optim.learning_rate
   with pytest.raises(ValueError, match=r"rho0.2_contrastive: finished earlier with another config "
@@ -88,3 +89,24 @@ def test_ot_compare_contrastive_run_turns_off_every_ot_term():
   bary = ot_compare.run_config(base, "barycenter", 0.05, "/data")
   assert bary.ot.variant == "barycenter" and bary.loss.ot_weight == base.loss.ot_weight
   assert bary.loss.ot_plan_contrast_weight == 1.0
+
+
+def test_a_preempted_run_stops_the_comparison_before_any_table(tmp_path, monkeypatch):
+  """train_and_evaluate returns {"preempted": True} at a preemption signal
+  (its checkpoint saved): the comparison must not start the next run, nor
+  write a table holding a run that did not finish."""
+  trained = []
+
+  def preempted(config, run_dir):
+    trained.append(os.path.basename(run_dir))
+    return {"step": 7, "preempted": True}
+
+  monkeypatch.setattr(train, "train_and_evaluate", preempted)
+  c = micro_config(**{"partial.aligned_fraction": 0.2})
+  with pytest.raises(ablate.Preempted, match=r"rho0.2_contrastive: preempted, checkpoint of step 7 saved; "
+                                             r"rerun the same command to resume"):
+    ot_compare.compare(c, str(tmp_path), ["contrastive", "loop"], [0.2])
+  assert trained == ["rho0.2_contrastive"]
+  assert not (tmp_path / "ablation.json").exists() and not (tmp_path / "ablation.md").exists()
+  # The minutes it trained are kept for the invocation that resumes it.
+  assert json.loads((tmp_path / "rho0.2_contrastive" / "train_minutes.json").read_text())["minutes"] >= 0
