@@ -4,11 +4,13 @@ Measures, by mode:
 * partial.enabled: the embeddings of each view of the unaligned image batch
   and then of each view of the unaligned text batch, [U, E] each, run through
   the same towers in the same step (K = 2V, V = partial.unaligned_views). The
-  loop's pairs are then image view v -> v + 1 (the same images: a true
-  correspondence), the last image view -> text view 0 (unaligned), the text
-  views in turn (the same samples' captions), and the last text view -> image
-  view 0, so with V >= 2 the cycle term asks the unaligned matching to be
-  consistent with the known within-modality correspondences. With
+  loop's pairs are then image view v -> v + 1 (the same images), the last
+  image view -> text view 0 (unaligned), the text views in turn (the same
+  samples' captions), and the last text view -> image view 0. Every pair is
+  an entropic Sinkhorn plan, the within-modality ones too: the code never
+  imposes their known row-i-to-row-i pairing. That pairing enters only as the
+  cycle term's target I, so with V >= 2 and gamma > 0 the walk through all
+  the plans must bring each image back to itself. With
   ot.include_aligned (V = 1) the aligned batch's view-0 embeddings join the
   image and the text measure ([U + B, E] each).
 * otherwise: every image view and every text view of the aligned batch
