@@ -97,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   # are R_ot's image-text coupling (objective_ot.plan_contrast); 0 turns it off.
   # Off by default: at ρ = 5% (ot_partial_tiny_cpu, loop, weight 1, one seed) it
   # lowered unseen-class zero-shot accuracy, 0.188 -> 0.179 at 300 steps and
-  # 0.179 -> 0.107 at 600, and did not raise R@1 (README, OT section).
+  # 0.179 -> 0.107 at 600, and did not raise R@1 (docs/ot_experiments.md).
   l.ot_plan_contrast_weight = 0.0
 
   # ---- OT regularizer R_ot (DESIGN.md "R_ot"; ito_jax/losses/ot.py) ----------
@@ -128,8 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
   # "" | "image" | "text": the modality whose measures R_ot holds fixed (no
   # gradient), so the regularizer moves only the other tower's embeddings
   # towards them; "" trains both. "image" also skips the backward pass through
-  # the image tower for the unaligned images. Measured at ρ = 5% (README, OT
-  # section): "image" raised unseen-class zero-shot accuracy over both-trained
+  # the image tower for the unaligned images. Measured at ρ = 5%
+  # (docs/ot_experiments.md): "image" raised unseen-class zero-shot accuracy over both-trained
   # at 300 steps but not held-out R@1, and lowered i2t R@1 at 900 steps.
   c.ot.stop_gradient = ""
 

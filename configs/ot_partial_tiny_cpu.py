@@ -22,7 +22,7 @@ def get_config(arg=None):
   c = tiny_cpu.get_config()
   # 4-pixel patches (64 tokens at 32 px): with the demo's 8-pixel patches the
   # image tower tells colours apart but hardly shapes, and a class is colour x
-  # shape (README, OT section). Contrastive-only held-out i2t R@1 0.022 -> 0.036.
+  # shape (docs/ot_experiments.md). Contrastive-only held-out i2t R@1 0.022 -> 0.036.
   c.model.image.update(variant="tiny/4", patch_size=4)
   c.partial.enabled = True
   c.partial.aligned_fraction = 0.05  # 400 aligned pairs of 8000; pools of 3800 images and 3800 texts
