@@ -17,6 +17,7 @@ modality gap.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -71,7 +72,7 @@ def _minutes(run_dir: str) -> float:
 
 def _add_minutes(run_dir: str, minutes: float) -> None:
   earlier = _minutes(run_dir)
-  total = minutes + (0.0 if earlier != earlier else earlier)  # NaN: none recorded yet
+  total = minutes + (0.0 if math.isnan(earlier) else earlier)  # NaN: none recorded yet
   tmp = os.path.join(run_dir, _MINUTES + ".tmp")
   with open(tmp, "w") as f:
     json.dump({"minutes": total}, f)

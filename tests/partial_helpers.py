@@ -1,5 +1,9 @@
 """Shared by the partially aligned tests: the shipped partial config at micro size."""
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
 from configs import ot_partial_tiny_cpu
 
 UNSEEN = (0, 6, 12)
@@ -20,3 +24,14 @@ def micro_config(**overrides):
     section, _, name = key.rpartition(".")
     (c[section] if section else c)[name] = value
   return c
+
+
+def run_step(step_fn, state, batch):
+  """One step from a copy of `state` (the step donates its input)."""
+  return step_fn(jax.tree.map(jnp.copy, state), batch)
+
+
+def params(state, prefix):
+  """The model parameters (of a (model, optimizer) state) under `prefix`, e.g. "image_tower"."""
+  flat = nnx.to_flat_state(state)
+  return [v[...] for k, v in flat if k[0] == 0 and k[1] == prefix]  # (model, optimizer)[0]
