@@ -158,6 +158,11 @@ def base_config() -> ml_collections.ConfigDict:
   o.b2 = 0.98
   o.eps = 1e-6
   o.grad_clip_norm = 1.0  # clip the global gradient norm to this (0 disables).
+  # A step whose loss or gradient norm is not finite leaves parameters and
+  # optimizer state as they were and is counted in `train/nonfinite_steps`; a
+  # log window in which every step was skipped stops the run with an error.
+  # False applies every update, NaN included.
+  o.skip_nonfinite = True
 
   # ---- data -----------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()

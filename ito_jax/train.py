@@ -91,16 +91,32 @@ def abstract_model_and_optimizer(config: ml_collections.ConfigDict, mesh):
 def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.ConfigDict):
   """Returns step(state, batch) -> (state, metrics), donating the old state."""
 
+  def apply_update(state, grads):
+    model, optimizer = nnx.merge(graphdef, state)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer))
+
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     steps_taken = optimizer.step[...]  # gates terms that start mid-run (ot.start_step)
-    (_, metrics), grads = nnx.value_and_grad(
+    (loss, metrics), grads = nnx.value_and_grad(
         lambda m: objective.compute_loss(m, batch, config, mesh, step=steps_taken), has_aux=True)(model)
-    optimizer.update(model, grads)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    grad_norm = optax.global_norm(grads)
+    if config.optim.skip_nonfinite:
+      # One NaN or inf anywhere in the gradient makes its global norm
+      # non-finite, so this needs no extra pass over the gradient tree. A
+      # skipped step leaves everything as it was, the step count included, as
+      # optax.apply_if_finite does, but without changing the state's layout.
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      state = jax.lax.cond(finite, apply_update, lambda s, _: s, state, grads)
+      metrics["train/nonfinite_steps"] = jnp.logical_not(finite).astype(jnp.int32)
+    else:
+      state = apply_update(state, grads)
+    model, _ = nnx.merge(graphdef, state)
+    metrics["grad_norm"] = grad_norm
     metrics["logit_scale"] = model.logit_scale
     metrics["temperature"] = 1.0 / model.logit_scale
-    return nnx.state((model, optimizer)), metrics
+    return state, metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
@@ -133,7 +149,8 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
 # Per-step counts of bad input that a log line must not sample from its own
 # step only: summed over the steps since the previous log line (and the worst
 # marginal error taken over them), so a bad step between log lines is counted.
-SUMMED_METRICS = ("ot/nonfinite_points", "ot/nonfinite_value", "ot/unconverged")
+SUMMED_METRICS = ("train/nonfinite_steps", "ot/nonfinite_points", "ot/nonfinite_value",
+                  "ot/unconverged")
 MAXED_METRICS = ("ot/marginal_error",)
 
 
@@ -149,6 +166,20 @@ def tally_counts(tally: dict | None, metrics: dict) -> dict:
   no host sync per step."""
   step = {k: metrics[k] for k in SUMMED_METRICS + MAXED_METRICS if k in metrics}
   return step if tally is None or not step else _tally(tally, step)
+
+
+def check_progress(metrics: dict, step: int, steps_since_log: int) -> None:
+  """Raises when no step since the previous log line updated the parameters:
+  each had a non-finite loss or gradient (optim.skip_nonfinite skipped them),
+  so going on would only spin. Occasional skipped steps are counted, not fatal."""
+  skipped = int(metrics.get("train/nonfinite_steps", 0))
+  if steps_since_log and skipped >= steps_since_log:
+    raise FloatingPointError(
+        f"steps {step - steps_since_log + 1}-{step}: every step had a non-finite loss or "
+        f"gradient norm and was skipped, so the parameters have not changed since step "
+        f"{step - steps_since_log} (loss {metrics.get('loss')}, grad_norm "
+        f"{metrics.get('grad_norm')}). Lower optim.learning_rate, check the data, or resume "
+        f"from an earlier checkpoint")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -212,6 +243,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if step % config.log_every_steps == 0 or step == config.total_steps:
       metrics = jax.device_get({**metrics, **tally})  # the loop's only host sync between evals
       tally = None
+      check_progress(metrics, step, steps_since_log)
       elapsed = time.perf_counter() - t_last
       metrics["learning_rate"] = schedule(step - 1)
       metrics["examples_per_sec"] = steps_since_log * config.batch_size / elapsed

@@ -3,11 +3,14 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from configs import tiny_cpu
-from ito_jax import train
+from configs import common, tiny_cpu
+from ito_jax import bench, objective, sharding, train
 from ito_jax.metrics import read_jsonl
 
 
@@ -56,3 +59,85 @@ def test_run_writes_metrics_and_eval_files(trained):
   for key in ("step", "loss", "learning_rate", "temperature", "grad_norm", "examples_per_sec"):
     assert np.isfinite(record[key]), key
   assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
+
+
+# ------------------------------------------------- non-finite steps are skipped
+def _micro_step(skip_nonfinite):
+  """A compiled train step of towers small enough to compile in seconds, its
+  initial state and a random batch."""
+  c = tiny_cpu.get_config()
+  c.model.embed_dim = 16
+  c.model.image.update(image_size=16, patch_size=8, width=32, depth=1, num_heads=2)
+  c.model.text.update(vocab_size=128, context_length=12, width=32, depth=1, num_heads=2)
+  c.batch_size = 8
+  c.optim.skip_nonfinite = skip_nonfinite
+  common.validate(c)
+  mesh = sharding.make_mesh(c)
+  graphdef, state = nnx.split(train.create_model_and_optimizer(c, mesh))
+  step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, c)
+  return step, state, bench.random_batch(c), mesh
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+@pytest.fixture(scope="module")
+def guarded():
+  return _micro_step(skip_nonfinite=True)
+
+
+def test_a_step_with_a_nan_input_leaves_parameters_and_optimizer_state_as_they_were(guarded):
+  step, state, batch, mesh = guarded
+  before = _leaves(state)
+  bad = {**batch, "images": batch["images"].copy()}
+  bad["images"][0, 0, 0, 0, 0] = np.nan  # one pixel of one image
+  state, metrics = step(jax.tree.map(jnp.copy, state), sharding.put_batch(bad, mesh))
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(metrics["train/nonfinite_steps"]) == 1
+  after = _leaves(state)
+  assert len(after) == len(before)
+  for a, b in zip(after, before):  # parameters, Adam moments and the step count
+    np.testing.assert_array_equal(a, b)
+  # A finite batch next trains as usual: every leaf finite, parameters moved.
+  state, metrics = step(state, sharding.put_batch(batch, mesh))
+  assert int(metrics["train/nonfinite_steps"]) == 0
+  after = _leaves(state)
+  assert all(np.isfinite(a).all() for a in after)
+  assert any(not np.array_equal(a, b) for a, b in zip(after, before))
+
+
+def test_without_the_guard_the_same_input_turns_parameters_nan():
+  """What optim.skip_nonfinite prevents: the unguarded step applies the NaN update."""
+  step, state, batch, mesh = _micro_step(skip_nonfinite=False)
+  batch["images"][0, 0, 0, 0, 0] = np.nan
+  state, metrics = step(state, sharding.put_batch(batch, mesh))
+  assert "train/nonfinite_steps" not in metrics
+  assert any(np.isnan(a).any() for a in _leaves(state))
+
+
+def test_a_log_window_of_only_skipped_steps_is_an_error():
+  train.check_progress({"train/nonfinite_steps": 49}, step=100, steps_since_log=50)  # one applied: goes on
+  train.check_progress({}, step=100, steps_since_log=50)  # guard off: nothing counted
+  with pytest.raises(FloatingPointError, match=r"steps 51-100: every step had a non-finite"):
+    train.check_progress({"train/nonfinite_steps": 50, "loss": float("nan")}, step=100,
+                         steps_since_log=50)
+
+
+@pytest.mark.slow
+def test_a_run_whose_loss_is_always_nan_stops_at_its_first_log_line(tmp_path, monkeypatch):
+  """End to end: the loop counts the skipped steps and raises at the log line
+  instead of training on (or spinning on) NaN."""
+  real = objective.compute_loss
+
+  def nan_loss(*args, **kwargs):
+    loss, metrics = real(*args, **kwargs)
+    return loss * jnp.nan, metrics
+
+  monkeypatch.setattr(objective, "compute_loss", nan_loss)
+  c = short_config()
+  c.total_steps, c.log_every_steps = 6, 3
+  c.data.num_train, c.data.num_eval = 256, 64
+  c.eval.batch_size = 64
+  with pytest.raises(FloatingPointError, match=r"steps 1-3: every step"):
+    train.train_and_evaluate(c, str(tmp_path))
