@@ -14,7 +14,7 @@ from ito_jax import sharding
 from ito_jax.losses.sharded import SIGMOID_VARIANTS
 from ito_jax.losses import ot as ot_lib
 from ito_jax.models.text import TEXT_SIZES
-from ito_jax.models.vit import parse_variant
+from ito_jax.models import vit as vit_lib
 
 LOSSES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.image.variant = ""  # informational name, e.g. "B/16"; set sizes with vit().
   m.image.image_size = 224  # input resolution (square); divisible by patch_size.
   m.image.patch_size = 16
+  # "patch": one patch_size x patch_size convolution (ViT); "conv": 3x3
+  # stride-2 convolutions down to the same token grid (patch_size a power of 2),
+  # which a small tower learns local shape with much sooner.
+  m.image.stem = "patch"
   m.image.width = 768
   m.image.depth = 12
   m.image.num_heads = 12
@@ -223,7 +227,7 @@ def base_config() -> ml_collections.ConfigDict:
 def vit(c: ml_collections.ConfigDict, variant: str) -> None:
   """Sets the image tower to a named size, e.g. vit(c, 'B/16')."""
   c.model.image.variant = variant
-  c.model.image.update(parse_variant(variant))
+  c.model.image.update(vit_lib.parse_variant(variant))
 
 
 def text(c: ml_collections.ConfigDict, size: str) -> None:
@@ -316,6 +320,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(m.image.patch_size > 0 and m.image.image_size % m.image.patch_size == 0,
            "model.image.patch_size",
            f"{m.image.patch_size} does not divide image_size {m.image.image_size}")
+  _require(m.image.stem in vit_lib.STEMS, "model.image.stem",
+           f"expected one of {'|'.join(vit_lib.STEMS)}, got {m.image.stem!r}")
+  if m.image.stem == "conv":
+    try:
+      vit_lib.conv_stem_channels(m.image.patch_size, m.image.width)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
   _require(m.text.vocab_size >= 16, "model.text.vocab_size", f"must be >= 16, got {m.text.vocab_size}")
   _require(m.text.context_length >= 2, "model.text.context_length",
            f"must be >= 2, got {m.text.context_length}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ito_jax.models import vit
+
 # Dense bf16 peak TFLOP/s per chip (per device as jax lists it), from vendor
 # data sheets. Matched by lower-cased substring of jax's `device_kind`, first
 # match wins, so more specific names come first.
@@ -50,6 +52,20 @@ def encoder_forward_flops(length: int, width: int, depth: int, mlp_dim: int) -> 
   return depth * per_block
 
 
+def stem_forward_flops(image: ml_collections.ConfigDict) -> int:
+  """Matmul FLOPs of one image through the stem: the patch_size x patch_size
+  patch embedding, or the conv stem's 3x3 stride-2 layers and its 1x1 layer."""
+  grid = image.image_size // image.patch_size
+  if image.stem != "conv":
+    return 2 * grid * grid * image.patch_size ** 2 * 3 * image.width
+  channels = [3] + vit.conv_stem_channels(image.patch_size, image.width)
+  flops, size = 0, image.image_size
+  for c_in, c_out in zip(channels[:-1], channels[1:]):
+    size = -(-size // 2)  # SAME padding, stride 2
+    flops += 2 * size * size * 9 * c_in * c_out
+  return flops + 2 * grid * grid * channels[-1] * image.width
+
+
 def forward_flops_per_example(config: ml_collections.ConfigDict) -> dict:
   """Forward matmul FLOPs per example (M image views, N text views), by part."""
   m, loss = config.model, config.loss
@@ -57,7 +73,7 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> dict:
   patches = (img.image_size // img.patch_size) ** 2
   views_i, views_t = loss.num_image_views, loss.num_text_views
   parts = {
-      "patch_embed": views_i * 2 * patches * img.patch_size ** 2 * 3 * img.width,
+      "patch_embed": views_i * stem_forward_flops(img),
       "image_encoder": views_i * encoder_forward_flops(
           patches, img.width, img.depth, int(img.width * img.mlp_ratio)),
       "text_encoder": views_t * encoder_forward_flops(

@@ -35,11 +35,20 @@ def test_forward_parts_by_hand():
   assert flops.forward_flops_per_example(c)["image_encoder"] == 2 * parts["image_encoder"]
 
 
-@pytest.mark.parametrize("width", [96])
-def test_analytic_count_matches_xla_cost_analysis(width):
+def test_conv_stem_flops_by_hand():
+  c = tiny()
+  c.model.image.stem = "conv"  # 32 px, patch 8: 3 -> 8 (16x16), 8 -> 16 (8x8), 16 -> 32 (4x4), 1x1 32 -> 64
+  expected = 2 * 9 * (16 * 16 * 3 * 8 + 8 * 8 * 8 * 16 + 4 * 4 * 16 * 32) + 2 * 16 * 32 * 64
+  assert flops.stem_forward_flops(c.model.image) == expected
+  assert flops.forward_flops_per_example(c)["patch_embed"] == expected
+
+
+@pytest.mark.parametrize("width,stem", [(96, "patch"), (96, "conv")])
+def test_analytic_count_matches_xla_cost_analysis(width, stem):
   """Forward within 5%, and 3x forward against XLA's gradient within 5%: the
   uncounted elementwise work is a few percent at these widths."""
   c = tiny(width)
+  c.model.image.stem = stem
   model, _ = train.create_model_and_optimizer(c, sharding.make_mesh(c))
   graphdef, state = nnx.split(model)
   batch = bench.random_batch(c)

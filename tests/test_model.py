@@ -64,6 +64,38 @@ def test_every_matrix_parameter_has_logical_axes(model):
     assert len(axes) == var[...].ndim, f"{path}: {axes} vs shape {var[...].shape}"
 
 
+def test_conv_stem_keeps_the_token_grid_and_has_logical_axes():
+  cfg = tiny_model_config()
+  cfg.image.update(patch_size=4, stem="conv")  # two 3x3 stride-2 layers (32 -> 64 channels), 1x1 -> 128
+  model = build(cfg)
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  _, tokens = model.image_features(images)
+  assert tokens.shape == (2, 8 * 8, cfg.image.width)
+  stem = nnx.state(model.image_tower.patch_embed, nnx.Param)
+  assert [k.shape for k in jax.tree.leaves(stem)] == [
+      (32,), (3, 3, 3, 32), (64,), (3, 3, 32, 64), (128,), (1, 1, 64, 128)]
+  test_every_matrix_parameter_has_logical_axes(model)
+  # Overlapping 3x3 kernels: one pixel reaches the stem's tokens of the patches
+  # it borders, where a 4x4 patch embedding changes only its own patch's token.
+  changed = images.at[:, 4, 4, :].add(0.5)  # the first pixel of patch (1, 1)
+  stem_tokens = lambda x: model.image_tower.patch_embed(x).reshape(2, 64, -1)
+  touched = np.flatnonzero(jnp.abs(stem_tokens(changed) - stem_tokens(images)).max(axis=(0, 2)))
+  assert touched.tolist() == [0, 1, 8, 9]  # patches (0, 0), (0, 1), (1, 0), (1, 1)
+
+
+@pytest.mark.parametrize("patch_size,width,message", [
+    (6, 128, "power-of-two patch_size"), (4, 126, "not divisible by 4")])
+def test_conv_stem_config_errors(patch_size, width, message):
+  c = tiny_cpu.get_config("runlocal")
+  c.model.image.update(image_size=24 if patch_size == 6 else 32, patch_size=patch_size,
+                       width=width, num_heads=2, stem="conv")
+  with pytest.raises(common.ConfigError, match=message):
+    common.validate(c)
+  c.model.image.update(patch_size=4, width=128, image_size=32, stem="convolution")
+  with pytest.raises(common.ConfigError, match="model.image.stem"):
+    common.validate(c)
+
+
 def test_scanned_layers_have_same_parameters_and_function():
   loop = build(tiny_model_config(scan_layers=False))
   scanned = build(tiny_model_config(scan_layers=True), seed=1)

@@ -43,7 +43,7 @@ class ItoModel(nnx.Module):
     text_spec = encoder_spec(config.text, config)
     self.image_tower = VisionTransformer(
         image_size=config.image.image_size, patch_size=config.image.patch_size,
-        spec=image_spec, rngs=rngs)
+        spec=image_spec, rngs=rngs, stem=config.image.stem)
     self.text_tower = TextTransformer(
         vocab_size=config.text.vocab_size, context_length=config.text.context_length,
         spec=text_spec, rngs=rngs)

@@ -1,7 +1,9 @@
-"""ViT image tower: patchify, learned position embedding, encoder, GAP pooling."""
+"""ViT image tower: patchify (or a convolutional stem), learned position
+embedding, encoder, GAP pooling."""
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from ito_jax.models.transformer import Encoder, EncoderSpec, layer_norm, partitioned
@@ -28,19 +30,67 @@ def parse_variant(variant: str) -> dict:
         f"{sorted(VIT_SIZES)}, e.g. 'B/16'") from None
 
 
+STEMS = ("patch", "conv")
+
+
+def conv_stem_channels(patch_size: int, width: int) -> list[int]:
+  """Output channels of the conv stem's 3x3 stride-2 layers: log2(patch_size)
+  of them, doubling up to width / 2 (the 1x1 layer after them maps to width)."""
+  n = patch_size.bit_length() - 1
+  if patch_size < 2 or patch_size != 1 << n:
+    raise ValueError(f"model.image.stem='conv' needs a power-of-two patch_size >= 2, got {patch_size}")
+  if width % (1 << n):
+    raise ValueError(f"model.image.stem='conv': width {width} is not divisible by "
+                     f"{1 << n} (the first of {n} stride-2 layers has width / {1 << n} channels)")
+  return [width >> (n - i) for i in range(n)]
+
+
+class ConvStem(nnx.Module):
+  """Early convolutions (Xiao et al. 2021, "Early Convolutions Help
+  Transformers See Better"): 3x3 stride-2 convolutions with GELU, channels
+  doubling, then a 1x1 convolution to the width. It yields the same token
+  grid as patch_size patches, but each token sees its neighbourhood through
+  overlapping kernels, which lets a small tower learn local shape far sooner
+  (docs/ot_experiments.md)."""
+
+  def __init__(self, patch_size: int, spec: EncoderSpec, rngs: nnx.Rngs):
+    channels = [3] + conv_stem_channels(patch_size, spec.width)
+    kw = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+    self.layers = nnx.List([
+        nnx.Conv(c_in, c_out, kernel_size=(3, 3), strides=(2, 2), padding="SAME",
+                 kernel_init=partitioned(nnx.initializers.lecun_normal(), None, None, None, None),
+                 bias_init=partitioned(nnx.initializers.zeros_init(), None), **kw)
+        for c_in, c_out in zip(channels[:-1], channels[1:])])
+    self.out = nnx.Conv(
+        channels[-1], spec.width, kernel_size=(1, 1),
+        kernel_init=partitioned(nnx.initializers.lecun_normal(), None, None, None, "embed"),
+        bias_init=partitioned(nnx.initializers.zeros_init(), "embed"), **kw)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jax.nn.gelu(layer(x))
+    return self.out(x)
+
+
 class VisionTransformer(nnx.Module):
 
-  def __init__(self, *, image_size: int, patch_size: int, spec: EncoderSpec, rngs: nnx.Rngs):
+  def __init__(self, *, image_size: int, patch_size: int, spec: EncoderSpec, rngs: nnx.Rngs,
+               stem: str = "patch"):
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
     self.patch_size = patch_size
     self.dtype = spec.dtype
     num_patches = (image_size // patch_size) ** 2
-    self.patch_embed = nnx.Conv(
-        3, spec.width, kernel_size=(patch_size, patch_size), strides=(patch_size, patch_size),
-        padding="VALID", dtype=spec.dtype, param_dtype=spec.param_dtype,
-        kernel_init=partitioned(nnx.initializers.lecun_normal(), None, None, None, "embed"),
-        bias_init=partitioned(nnx.initializers.zeros_init(), "embed"), rngs=rngs)
+    if stem == "patch":
+      self.patch_embed = nnx.Conv(
+          3, spec.width, kernel_size=(patch_size, patch_size), strides=(patch_size, patch_size),
+          padding="VALID", dtype=spec.dtype, param_dtype=spec.param_dtype,
+          kernel_init=partitioned(nnx.initializers.lecun_normal(), None, None, None, "embed"),
+          bias_init=partitioned(nnx.initializers.zeros_init(), "embed"), rngs=rngs)
+    elif stem == "conv":
+      self.patch_embed = ConvStem(patch_size, spec, rngs)
+    else:
+      raise ValueError(f"unknown model.image.stem {stem!r}; expected one of {STEMS}")
     self.pos_embedding = nnx.Param(
         partitioned(nnx.initializers.normal(0.02), None, "embed")(
             rngs.params(), (num_patches, spec.width), spec.param_dtype))
