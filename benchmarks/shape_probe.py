@@ -1,0 +1,126 @@
+"""How fast the image tower can learn an ito_shapes attribute at all.
+
+Trains a config's image tower (patch embedding or conv stem, `model.image.stem`)
+with a linear head on the true shape, colour or class labels of the training
+split: plain supervised learning, no captions, the deterministic full-frame
+evaluation view as input. Prints held-out accuracy. This bounds what any
+image–text objective can teach the same tower in the same number of steps:
+with 4-pixel patches the tiny tower of `configs/ot_partial_tiny_cpu.py`
+learns shape slowly even from the labels themselves (docs/ot_experiments.md).
+
+  python benchmarks/shape_probe.py --config=configs/ot_partial_tiny_cpu.py \\
+      --attribute=shape --steps=300 [--config.model.image.stem=conv] \\
+      [--config.data.data_dir=DIR]
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from configs import common  # noqa: E402
+from ito_jax.data import augment, pipeline, synthetic  # noqa: E402
+from ito_jax.models.ito import encoder_spec  # noqa: E402
+from ito_jax.models.vit import VisionTransformer  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_ATTRIBUTE = flags.DEFINE_enum("attribute", "shape", ["shape", "colour", "class"], "Label to learn.")
+_STEPS = flags.DEFINE_integer("steps", 300, "Training steps (batch config.batch_size).")
+_EVAL = flags.DEFINE_integer("num_eval", 1000, "Held-out images scored.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/ito_shape_probe", "Where the data set is built "
+                               "when config.data.data_dir is empty.")
+
+NUM_SHAPES = len(synthetic.SHAPES)
+
+
+def attribute_labels(labels: np.ndarray, attribute: str) -> tuple[np.ndarray, int]:
+  """ito_shapes class labels (colour * 5 + shape) -> (attribute labels, number of values)."""
+  if attribute == "shape":
+    return labels % NUM_SHAPES, NUM_SHAPES
+  if attribute == "colour":
+    return labels // NUM_SHAPES, len(synthetic.COLOURS)
+  return labels, len(synthetic.CLASS_NAMES)
+
+
+def load(builder, split: str, size: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  source = builder.as_data_source(split)
+  n = min(limit, len(source)) if limit else len(source)
+  images, labels = [], []
+  for i in range(n):
+    record = source[i]
+    images.append(augment.to_unit_range(augment.resize(np.asarray(record["image"]), size)))
+    labels.append(record["label"])
+  return np.stack(images).astype(np.float32), np.asarray(labels)
+
+
+class Probe(nnx.Module):
+
+  def __init__(self, model_config, num_classes: int, rngs: nnx.Rngs):
+    image = model_config.image
+    self.tower = VisionTransformer(image_size=image.image_size, patch_size=image.patch_size,
+                                   spec=encoder_spec(image, model_config), rngs=rngs,
+                                   stem=image.stem)
+    self.head = nnx.Linear(image.width, num_classes, rngs=rngs)
+
+  def __call__(self, images):
+    return self.head(self.tower(images)[0])
+
+
+def run(config, attribute: str, steps: int, num_eval: int, data_dir: str) -> dict:
+  common.validate(config)
+  builder = pipeline.builder_for(config, data_dir)
+  size = config.model.image.image_size
+  x_train, y_train = load(builder, "train", size)
+  x_test, y_test = load(builder, "test", size, num_eval)
+  (y_train, k), (y_test, _) = attribute_labels(y_train, attribute), attribute_labels(y_test, attribute)
+  with nnx.use_eager_sharding(False):
+    model = Probe(config.model, k, nnx.Rngs(config.seed))
+  o = config.optim
+  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, min(o.warmup_steps, steps // 2),
+                                                max(steps, 1))
+  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=o.weight_decay), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, images, labels):
+    def loss_fn(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(images), labels).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  rng = np.random.default_rng(config.seed)
+  start = time.perf_counter()
+  loss = float("nan")
+  for _ in range(steps):
+    idx = rng.integers(0, len(y_train), config.batch_size)
+    loss = float(step(model, optimizer, jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx])))
+  logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x_test))
+  accuracy = float(np.mean(np.argmax(np.asarray(logits), axis=1) == y_test))
+  return {"attribute": attribute, "stem": config.model.image.stem, "steps": steps,
+          "train_loss": loss, "test_accuracy": accuracy, "chance": 1.0 / k,
+          "seconds": time.perf_counter() - start}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  data_dir = config.data.data_dir or os.path.join(_WORKDIR.value, "data")
+  r = run(config, _ATTRIBUTE.value, _STEPS.value, _EVAL.value, data_dir)
+  print(f"{r['attribute']}: stem {r['stem']}, {r['steps']} steps: held-out accuracy "
+        f"{r['test_accuracy']:.3f} (chance {r['chance']:.3f}), last train loss "
+        f"{r['train_loss']:.3f}, {r['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  jax.config.parse_flags_with_absl()
+  app.run(main)
