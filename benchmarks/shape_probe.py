@@ -122,5 +122,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  jax.config.parse_flags_with_absl()
   app.run(main)

@@ -37,3 +37,16 @@ def test_a_short_probe_learns_colour(tmp_path, stem):
   r = shape_probe.run(c, "colour", steps=60, num_eval=128, data_dir=str(tmp_path / "data"))
   assert r["chance"] == pytest.approx(1 / 6)
   assert r["test_accuracy"] > 2.5 * r["chance"], r
+
+
+def test_command_line(tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run(
+      [sys.executable, _PATH, "--config=configs/tiny_cpu.py:runlocal", "--attribute=shape",
+       "--steps=2", "--num_eval=16", f"--config.data.data_dir={tmp_path / 'data'}",
+       "--config.model.image.stem=conv", "--config.model.image.patch_size=4"],
+      capture_output=True, text=True, timeout=600,
+      cwd=os.path.dirname(os.path.dirname(_PATH)))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "shape: stem conv, 2 steps: held-out accuracy" in out.stdout
