@@ -1,19 +1,14 @@
 """benchmarks/attribute_purity.py: the class / colour / shape share of each
 held-out image's nearest caption."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
 from ito_jax.data import synthetic
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "attribute_purity.py")
-_spec = importlib.util.spec_from_file_location("attribute_purity", _PATH)
-attribute_purity = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(attribute_purity)
+import benchmark_scripts
+
+attribute_purity = benchmark_scripts.load("attribute_purity")
 
 
 def test_label_layout_matches_the_data_set():

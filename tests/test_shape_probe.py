@@ -1,6 +1,5 @@
 """benchmarks/shape_probe.py: supervised attribute learning of the image tower."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -9,11 +8,9 @@ import pytest
 from configs import tiny_cpu
 from ito_jax.data import synthetic
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "shape_probe.py")
-_spec = importlib.util.spec_from_file_location("shape_probe", _PATH)
-shape_probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(shape_probe)
+import benchmark_scripts
+
+shape_probe = benchmark_scripts.load("shape_probe")
 
 
 def test_attribute_labels_follow_the_class_layout():
@@ -43,10 +40,10 @@ def test_command_line(tmp_path):
   import subprocess
   import sys
   out = subprocess.run(
-      [sys.executable, _PATH, "--config=configs/tiny_cpu.py:runlocal", "--attribute=shape",
+      [sys.executable, shape_probe.__file__, "--config=configs/tiny_cpu.py:runlocal", "--attribute=shape",
        "--steps=2", "--num_eval=16", f"--config.data.data_dir={tmp_path / 'data'}",
        "--config.model.image.stem=conv", "--config.model.image.patch_size=4"],
       capture_output=True, text=True, timeout=600,
-      cwd=os.path.dirname(os.path.dirname(_PATH)))
+      cwd=os.path.dirname(benchmark_scripts.BENCHMARKS))
   assert out.returncode == 0, out.stderr[-2000:]
   assert "shape: stem conv, 2 steps: held-out accuracy" in out.stdout
