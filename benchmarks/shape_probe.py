@@ -32,13 +32,6 @@ from ito_jax.data import augment, pipeline, synthetic  # noqa: E402
 from ito_jax.models.ito import encoder_spec  # noqa: E402
 from ito_jax.models.vit import VisionTransformer  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_ATTRIBUTE = flags.DEFINE_enum("attribute", "shape", ["shape", "colour", "class"], "Label to learn.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Training steps (batch config.batch_size).")
-_EVAL = flags.DEFINE_integer("num_eval", 1000, "Held-out images scored.")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/ito_shape_probe", "Where the data set is built "
-                               "when config.data.data_dir is empty.")
-
 NUM_SHAPES = len(synthetic.SHAPES)
 
 
@@ -112,14 +105,26 @@ def run(config, attribute: str, steps: int, num_eval: int, data_dir: str) -> dic
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  data_dir = config.data.data_dir or os.path.join(_WORKDIR.value, "data")
-  r = run(config, _ATTRIBUTE.value, _STEPS.value, _EVAL.value, data_dir)
+  config = flags.FLAGS.config
+  data_dir = config.data.data_dir or os.path.join(flags.FLAGS.workdir, "data")
+  r = run(config, flags.FLAGS.attribute, flags.FLAGS.steps, flags.FLAGS.num_eval, data_dir)
   print(f"{r['attribute']}: stem {r['stem']}, {r['steps']} steps: held-out accuracy "
         f"{r['test_accuracy']:.3f} (chance {r['chance']:.3f}), last train loss "
         f"{r['train_loss']:.3f}, {r['seconds']:.0f} s")
 
 
-if __name__ == "__main__":
+def define_flags():
+  """Only when run as a script: importing this file (its tests) must not
+  define absl flags that other modules of the same process define too."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+  flags.DEFINE_enum("attribute", "shape", ["shape", "colour", "class"], "Label to learn.")
+  flags.DEFINE_integer("steps", 300, "Training steps (batch config.batch_size).")
+  flags.DEFINE_integer("num_eval", 1000, "Held-out images scored.")
+  flags.DEFINE_string("workdir", "/tmp/ito_shape_probe",
+                      "Where the data set is built when config.data.data_dir is empty.")
   flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)
