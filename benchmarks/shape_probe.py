@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import common  # noqa: E402
+from ito_jax import train  # noqa: E402
 from ito_jax.data import augment, pipeline, synthetic  # noqa: E402
 from ito_jax.models.ito import encoder_spec  # noqa: E402
 from ito_jax.models.vit import VisionTransformer  # noqa: E402
@@ -77,10 +78,9 @@ def run(config, attribute: str, steps: int, num_eval: int, data_dir: str) -> dic
   (y_train, k), (y_test, _) = attribute_labels(y_train, attribute), attribute_labels(y_test, attribute)
   with nnx.use_eager_sharding(False):
     model = Probe(config.model, k, nnx.Rngs(config.seed))
-  o = config.optim
-  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, min(o.warmup_steps, steps // 2),
-                                                max(steps, 1))
-  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=o.weight_decay), wrt=nnx.Param)
+  config = config.copy_and_resolve_references()
+  config.total_steps = steps  # the schedule's cosine spans the probe's steps
+  optimizer = nnx.Optimizer(model, train.make_optimizer(config), wrt=nnx.Param)  # the run's AdamW
 
   @nnx.jit
   def step(model, optimizer, images, labels):
