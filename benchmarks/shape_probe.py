@@ -7,10 +7,12 @@ evaluation view as input. Prints held-out accuracy. This bounds what any
 image–text objective can teach the same tower in the same number of steps:
 with 4-pixel patches the tiny tower of `configs/ot_partial_tiny_cpu.py`
 learns shape slowly even from the labels themselves (docs/ot_experiments.md).
+`--num_train=400` limits the labels to as many images as a ρ = 5% run has
+aligned pairs.
 
   python benchmarks/shape_probe.py --config=configs/ot_partial_tiny_cpu.py \\
       --attribute=shape --steps=300 [--config.model.image.stem=conv] \\
-      [--config.data.data_dir=DIR]
+      [--num_train=400] [--config.data.data_dir=DIR]
 """
 
 import os
@@ -69,11 +71,18 @@ class Probe(nnx.Module):
     return self.head(self.tower(images)[0])
 
 
-def run(config, attribute: str, steps: int, num_eval: int, data_dir: str) -> dict:
+def run(config, attribute: str, steps: int, num_eval: int, data_dir: str, num_train: int = 0) -> dict:
+  """`num_train` > 0 trains on the first that many training images only: how
+  much the tower learns from as many labelled images as a partially aligned
+  run has pairs (400 at ρ = 5%)."""
   common.validate(config)
   builder = pipeline.builder_for(config, data_dir)
   size = config.model.image.image_size
-  x_train, y_train = load(builder, "train", size)
+  available = len(builder.as_data_source("train"))
+  if not 0 <= num_train <= available:
+    raise ValueError(f"num_train={num_train}: the train split has {available} images "
+                     "(0 uses all of them)")
+  x_train, y_train = load(builder, "train", size, num_train)
   x_test, y_test = load(builder, "test", size, num_eval)
   (y_train, k), (y_test, _) = attribute_labels(y_train, attribute), attribute_labels(y_test, attribute)
   with nnx.use_eager_sharding(False):
@@ -99,6 +108,7 @@ def run(config, attribute: str, steps: int, num_eval: int, data_dir: str) -> dic
   logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x_test))
   accuracy = float(np.mean(np.argmax(np.asarray(logits), axis=1) == y_test))
   return {"attribute": attribute, "stem": config.model.image.stem, "steps": steps,
+          "num_train": len(y_train),
           "train_loss": loss, "test_accuracy": accuracy, "chance": 1.0 / k,
           "seconds": time.perf_counter() - start}
 
@@ -107,8 +117,10 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   data_dir = config.data.data_dir or os.path.join(flags.FLAGS.workdir, "data")
-  r = run(config, flags.FLAGS.attribute, flags.FLAGS.steps, flags.FLAGS.num_eval, data_dir)
-  print(f"{r['attribute']}: stem {r['stem']}, {r['steps']} steps: held-out accuracy "
+  r = run(config, flags.FLAGS.attribute, flags.FLAGS.steps, flags.FLAGS.num_eval, data_dir,
+          flags.FLAGS.num_train)
+  print(f"{r['attribute']}: stem {r['stem']}, {r['steps']} steps on {r['num_train']} training "
+        f"images: held-out accuracy "
         f"{r['test_accuracy']:.3f} (chance {r['chance']:.3f}), last train loss "
         f"{r['train_loss']:.3f}, {r['seconds']:.0f} s")
 
@@ -120,6 +132,7 @@ def define_flags():
   flags.DEFINE_enum("attribute", "shape", ["shape", "colour", "class"], "Label to learn.")
   flags.DEFINE_integer("steps", 300, "Training steps (batch config.batch_size).")
   flags.DEFINE_integer("num_eval", 1000, "Held-out images scored.")
+  flags.DEFINE_integer("num_train", 0, "Train on the first N training images only (0: all).")
   flags.DEFINE_string("workdir", "/tmp/ito_shape_probe",
                       "Where the data set is built when config.data.data_dir is empty.")
   flags.mark_flag_as_required("config")

@@ -36,14 +36,25 @@ def test_a_short_probe_learns_colour(tmp_path, stem):
   assert r["test_accuracy"] > 2.5 * r["chance"], r
 
 
+def test_num_train_limits_the_labelled_images(tmp_path):
+  c = tiny_cpu.get_config("runlocal")  # 512 training images
+  c.model.image.update(patch_size=4, width=32, depth=1, num_heads=2)
+  c.batch_size = 8
+  data_dir = str(tmp_path / "data")
+  assert shape_probe.run(c, "shape", steps=1, num_eval=8, data_dir=data_dir)["num_train"] == 512
+  assert shape_probe.run(c, "shape", steps=1, num_eval=8, data_dir=data_dir, num_train=48)["num_train"] == 48
+  with pytest.raises(ValueError, match="num_train=513: the train split has 512 images"):
+    shape_probe.run(c, "shape", steps=1, num_eval=8, data_dir=data_dir, num_train=513)
+
+
 def test_command_line(tmp_path):
   import subprocess
   import sys
   out = subprocess.run(
       [sys.executable, shape_probe.__file__, "--config=configs/tiny_cpu.py:runlocal", "--attribute=shape",
-       "--steps=2", "--num_eval=16", f"--config.data.data_dir={tmp_path / 'data'}",
+       "--steps=2", "--num_eval=16", "--num_train=32", f"--config.data.data_dir={tmp_path / 'data'}",
        "--config.model.image.stem=conv", "--config.model.image.patch_size=4"],
       capture_output=True, text=True, timeout=600,
       cwd=os.path.dirname(benchmark_scripts.BENCHMARKS))
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "shape: stem conv, 2 steps: held-out accuracy" in out.stdout
+  assert "shape: stem conv, 2 steps on 32 training images: held-out accuracy" in out.stdout
