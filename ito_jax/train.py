@@ -96,9 +96,14 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
     optimizer.update(model, grads)
     return nnx.state((model, optimizer))
 
+  schedule = learning_rate_schedule(config)
+
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     steps_taken = optimizer.step[...]  # gates terms that start mid-run (ot.start_step)
+    # The rate this update uses: the schedule reads the optimizer's own count,
+    # which a skipped non-finite step leaves behind the loop's step.
+    learning_rate = schedule(steps_taken)
     (loss, metrics), grads = nnx.value_and_grad(
         lambda m: objective.compute_loss(m, batch, config, mesh, step=steps_taken), has_aux=True)(model)
     grad_norm = optax.global_norm(grads)
@@ -114,6 +119,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
       state = apply_update(state, grads)
     model, _ = nnx.merge(graphdef, state)
     metrics["grad_norm"] = grad_norm
+    metrics["learning_rate"] = learning_rate
     metrics["logit_scale"] = model.logit_scale
     metrics["temperature"] = 1.0 / model.logit_scale
     return state, metrics
@@ -223,7 +229,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     model, optimizer = nnx.merge(graphdef, state)
   state_shardings = sharding.state_shardings(state)
   train_step = make_train_step(graphdef, state_shardings, mesh, config)
-  schedule = learning_rate_schedule(config)
   writer = MetricsWriter(workdir)
   writer.truncate_after(start_step)  # a rerun rewrites the steps it trains again
   if start_step:
@@ -245,7 +250,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       tally = None
       check_progress(metrics, step, steps_since_log)
       elapsed = time.perf_counter() - t_last
-      metrics["learning_rate"] = schedule(step - 1)
       metrics["examples_per_sec"] = steps_since_log * config.batch_size / elapsed
       metrics["steps_per_sec"] = steps_since_log / elapsed
       metrics.update(pipeline.data_metrics(train_iter))  # bad records skipped, by kind

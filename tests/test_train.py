@@ -107,6 +107,24 @@ def test_a_step_with_a_nan_input_leaves_parameters_and_optimizer_state_as_they_w
   assert any(not np.array_equal(a, b) for a, b in zip(after, before))
 
 
+def test_the_logged_learning_rate_follows_the_optimizer_count_past_a_skipped_step(guarded):
+  """The loop's step 2 follows a skipped step 1, so its update is the
+  optimizer's first and uses the schedule's first rate, not its second."""
+  step, state, batch, mesh = guarded
+  c = tiny_cpu.get_config()
+  schedule = train.learning_rate_schedule(c)
+  bad = {**batch, "images": batch["images"].copy()}
+  bad["images"][0, 0, 0, 0, 0] = np.nan
+  state = jax.tree.map(jnp.copy, state)
+  rates = []
+  for b in (bad, batch, batch):
+    state, metrics = step(state, sharding.put_batch(b, mesh))
+    rates.append(float(metrics["learning_rate"]))
+  expected = [float(schedule(0)), float(schedule(0)), float(schedule(1))]
+  np.testing.assert_allclose(rates, expected, rtol=1e-5)
+  assert expected[2] > expected[1]  # the warmup moves, so a loop-step rate would differ
+
+
 def test_without_the_guard_the_same_input_turns_parameters_nan():
   """What optim.skip_nonfinite prevents: the unguarded step applies the NaN update."""
   step, state, batch, mesh = _micro_step(skip_nonfinite=False)
