@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data_helpers
 import tiny_run
 from ito_jax import serve
+from ito_jax.data import augment, records
 from ito_jax.serve import http as serve_http
 from ito_jax.serve import loadtest
 
@@ -34,8 +36,12 @@ def random_images(n, size=48, seed=0):
 
 
 def png_bytes(image: np.ndarray) -> bytes:
+  return png_bytes_of(Image.fromarray(image))
+
+
+def png_bytes_of(image: Image.Image) -> bytes:
   buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="PNG")
+  image.save(buf, format="PNG")
   return buf.getvalue()
 
 
@@ -82,6 +88,50 @@ def test_bad_texts_are_refused(embedder, bad, message):
 def test_bad_images_are_refused(embedder, bad, message):
   with pytest.raises(serve.InputError, match=message):
     embedder.embed_images([bad])
+
+
+def _preprocessing_only(image_size=20):
+  """An Embedder without a model: enough for its preprocessing."""
+  bare = serve.Embedder.__new__(serve.Embedder)
+  bare.image_size = image_size
+  return bare
+
+
+def test_serving_decodes_images_as_training_does(tmp_path):
+  """16-bit grey (PIL's convert clips it to white) and transparent pixels of
+  junk colour (composited on white) reach the model as in training/eval."""
+  rng = np.random.default_rng(0)
+  grey16 = Image.fromarray(rng.integers(0, 65536, (24, 24)).astype(np.uint16))
+  rgba = Image.fromarray(np.dstack([rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
+                                    np.where(rng.random((24, 24)) < 0.5, 0, 255).astype(np.uint8)]))
+  bare = _preprocessing_only()
+  for name, image in (("grey16", grey16), ("rgba", rgba)):
+    data = png_bytes_of(image)
+    pixels, repair = records.decode_image(data, records.Limits.max_image_pixels)
+    assert repair in ("mode_16bit", "mode_alpha")
+    want = augment.to_unit_range(augment.resize(pixels, 20))
+    naive = augment.to_unit_range(augment.resize(np.asarray(image.convert("RGB")), 20))
+    assert np.abs(naive - want).max() > 0.5  # the skew this test guards against
+    (tmp_path / f"{name}.png").write_bytes(data)
+    forms = {"bytes": data, "path": str(tmp_path / f"{name}.png"), "PIL": Image.open(io.BytesIO(data))}
+    for form, x in forms.items():
+      np.testing.assert_array_equal(bare.preprocess_image(x), want, err_msg=f"{name} as {form}")
+    via_http = serve_http.decode_image(b64(data), "images[0]", bare, serve_http.Limits())
+    np.testing.assert_array_equal(via_http, want, err_msg=f"{name} over HTTP")
+
+
+def test_undecodable_images_are_client_errors():
+  bare = _preprocessing_only()
+  limits = serve_http.Limits(max_image_pixels=1_000_000)
+  for name, data in data_helpers.bad_images(np.random.default_rng(1)).items():
+    kind = name.split(".")[0]
+    with pytest.raises(serve_http.RequestError) as err:
+      serve_http.decode_image(b64(data), "images[3]", bare, limits)
+    assert err.value.status == (413 if kind == "image_too_large" else 400), (name, err.value)
+    assert "images[3]" in str(err.value) and (kind == "image_too_large" or kind in str(err.value))
+    with pytest.raises(serve.InputError, match="too large" if kind == "image_too_large"
+                       else "not a decodable image"):
+      bare.preprocess_image(data, max_pixels=1_000_000)
 
 
 def test_zero_shot_classifier(embedder):
@@ -218,7 +268,7 @@ MALFORMED = {
                      400, "images[0] is not a decodable image"),
     "image too many pixels": ("/embed/image", json.dumps(
         {"images": [b64(TINY_PNG), b64(png_bytes(np.zeros((200, 200, 3), np.uint8)))]}).encode(),
-                              413, "images[1] is 200x200 pixels"),
+                              413, "images[1] is too large: 200x200 > 16384 pixels"),
     "image too many bytes": ("/embed/image", json.dumps(
         {"images": [b64(png_bytes(random_images(1, 96)[0]))]}).encode(), 413,
                              "images[0] is over the limit of 16384 bytes"),

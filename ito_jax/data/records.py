@@ -134,7 +134,7 @@ def decode(data: bytes, fallback_id: str = '?') -> RawRecord:
 
 
 # ----------------------------------------------------------------- images
-def _to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
+def to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
   """Decoded PIL image of any mode -> ([H, W, 3] uint8, repair name or None)."""
   mode = img.mode
   if mode == 'RGB':
@@ -193,7 +193,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, str |
       kind = 'truncated_image' if 'truncated' in str(e).lower() else 'corrupt_image'
       raise BadRecord(kind, f'{img.format} {width}x{height}: {e}') from None
   try:
-    pixels, repair = _to_rgb(img)
+    pixels, repair = to_rgb(img)
   except (ValueError, OSError) as e:
     raise BadRecord('unsupported_mode', f'mode {img.mode}: {e}') from None
   return np.ascontiguousarray(pixels), repair

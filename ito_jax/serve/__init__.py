@@ -8,8 +8,9 @@
   classifier.predict(["cat.png"])                                           # ["red circle"]
 
 Embeddings are float32 and L2-normalised, so a dot product is a cosine.
-Images are preprocessed as evaluation does: the whole frame resized (bilinear)
-to the model's square resolution, mapped to [-1, 1]. Inputs run in padded
+Images are preprocessed as evaluation does: decoded to RGB by the same function
+(`ito_jax.data.records.decode_image`), the whole frame resized (bilinear) to
+the model's square resolution, mapped to [-1, 1]. Inputs run in padded
 batches of power-of-two sizes up to `max_batch`, so a handful of compiled
 shapes serve every request size.
 
@@ -20,7 +21,6 @@ Command line (`python -m ito_jax.serve --help`): `embed` (files to .npy),
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from typing import Iterable, Sequence
 
@@ -31,7 +31,7 @@ from flax import nnx
 from PIL import Image
 
 from ito_jax import export as export_lib
-from ito_jax.data import augment
+from ito_jax.data import augment, records
 
 
 class InputError(ValueError):
@@ -81,22 +81,31 @@ class Embedder:
     self._encode_text = jax.jit(lambda s, t: nnx.merge(graphdef, s).encode_text(t))
 
   # ---- preprocessing: anything image-like -> float32 [H, W, 3] in [-1, 1] ----
-  def preprocess_image(self, image, name: str = "image") -> np.ndarray:
+  def preprocess_image(self, image, name: str = "image",
+                       max_pixels: int = records.Limits.max_image_pixels) -> np.ndarray:
     """A path, PIL image, encoded bytes, uint8 array [H, W, 3] (any size), or a
-    float array already in model form ([S, S, 3] in [-1, 1])."""
+    float array already in model form ([S, S, 3] in [-1, 1]).
+
+    Files, bytes and PIL images go to RGB exactly as training and evaluation
+    decode them (`records.decode_image`: 16-bit grey rescaled, transparency on
+    white); files and bytes above `max_pixels` are refused before decoding."""
     if isinstance(image, (str, os.PathLike)):
       try:
-        image = Image.open(image)
-      except (OSError, Image.DecompressionBombError) as e:
+        with open(image, "rb") as f:
+          image = f.read()
+      except OSError as e:
         raise InputError(f"{name}: cannot read image file {os.fspath(image)!r}: {e}") from e
-    elif isinstance(image, (bytes, bytearray)):
+    if isinstance(image, (bytes, bytearray)):
       try:
-        image = Image.open(io.BytesIO(image))
-      except (OSError, Image.DecompressionBombError) as e:
+        image, _ = records.decode_image(bytes(image), max_pixels)
+      except records.BadRecord as e:
+        if e.kind == "image_too_large":
+          raise InputError(f"{name}: image too large ({e.detail})") from e
         raise InputError(f"{name}: not a decodable image ({e})") from e
-    if isinstance(image, Image.Image):
+    elif isinstance(image, Image.Image):
       try:
-        image = np.asarray(image.convert("RGB"))
+        image.load()
+        image, _ = records.to_rgb(image)
       except (OSError, ValueError) as e:
         raise InputError(f"{name}: not a decodable image ({e})") from e
     array = np.asarray(image)

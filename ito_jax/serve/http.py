@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import json
 import queue
 import threading
@@ -33,9 +32,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from ito_jax import serve
+from ito_jax.data import records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,16 +180,16 @@ def decode_image(encoded: str, name: str, embedder: serve.Embedder, limits: Limi
   except (binascii.Error, ValueError) as e:
     raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} is not valid base64 ({e})") from e
   try:
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
-  except (OSError, Image.DecompressionBombError) as e:
+    # The decoding training and evaluation use, with this server's pixel limit
+    # checked on the header before any pixel is decoded.
+    pixels, _ = records.decode_image(data, limits.max_image_pixels)
+  except records.BadRecord as e:
+    if e.kind == "image_too_large":
+      raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{name} is too large: {e.detail}") from e
     raise RequestError(HTTPStatus.BAD_REQUEST,
-                       f"{name} is not a decodable image (PNG, JPEG, ...): {type(e).__name__}") from e
-  if width * height > limits.max_image_pixels:
-    raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                       f"{name} is {width}x{height} pixels; the limit is {limits.max_image_pixels}")
+                       f"{name} is not a decodable image (PNG, JPEG, ...): {e}") from e
   try:
-    return embedder.preprocess_image(image, name)
+    return embedder.preprocess_image(pixels, name)
   except serve.InputError as e:
     raise RequestError(HTTPStatus.BAD_REQUEST, str(e)) from e
 
