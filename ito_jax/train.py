@@ -25,7 +25,7 @@ from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
 from ito_jax.evaluate.evaluator import Evaluator
 from ito_jax.metrics import MetricsWriter, is_remote
-from ito_jax.models.ito import ItoModel
+from ito_jax.models.ito import MAX_LOG_SCALE, ItoModel
 
 # =============================================================================
 # Optimizer: AdamW, warmup + cosine, clipping, decay on kernels/embeddings only
@@ -94,6 +94,10 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
   def apply_update(state, grads):
     model, optimizer = nnx.merge(graphdef, state)
     optimizer.update(model, grads)
+    # Cap the logit scale on the parameter, as CLIP does, not only on its
+    # output: past the output cap its gradient is zero, so a scale that
+    # overshot it could never come down again.
+    model.log_scale[...] = jnp.minimum(model.log_scale[...], MAX_LOG_SCALE)
     return nnx.state((model, optimizer))
 
   schedule = learning_rate_schedule(config)

@@ -12,6 +12,7 @@ from flax import nnx
 from configs import common, tiny_cpu
 from ito_jax import bench, objective, sharding, train
 from ito_jax.metrics import read_jsonl
+from ito_jax.models.ito import MAX_LOG_SCALE, MAX_LOGIT_SCALE
 
 
 def short_config():
@@ -75,7 +76,7 @@ def _micro_step(skip_nonfinite):
   mesh = sharding.make_mesh(c)
   graphdef, state = nnx.split(train.create_model_and_optimizer(c, mesh))
   step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, c)
-  return step, state, bench.random_batch(c), mesh
+  return step, state, bench.random_batch(c), mesh, graphdef
 
 
 def _leaves(state):
@@ -88,7 +89,7 @@ def guarded():
 
 
 def test_a_step_with_a_nan_input_leaves_parameters_and_optimizer_state_as_they_were(guarded):
-  step, state, batch, mesh = guarded
+  step, state, batch, mesh, _ = guarded
   before = _leaves(state)
   bad = {**batch, "images": batch["images"].copy()}
   bad["images"][0, 0, 0, 0, 0] = np.nan  # one pixel of one image
@@ -110,7 +111,7 @@ def test_a_step_with_a_nan_input_leaves_parameters_and_optimizer_state_as_they_w
 def test_the_logged_learning_rate_follows_the_optimizer_count_past_a_skipped_step(guarded):
   """The loop's step 2 follows a skipped step 1, so its update is the
   optimizer's first and uses the schedule's first rate, not its second."""
-  step, state, batch, mesh = guarded
+  step, state, batch, mesh, _ = guarded
   c = tiny_cpu.get_config()
   schedule = train.learning_rate_schedule(c)
   bad = {**batch, "images": batch["images"].copy()}
@@ -125,9 +126,24 @@ def test_the_logged_learning_rate_follows_the_optimizer_count_past_a_skipped_ste
   assert expected[2] > expected[1]  # the warmup moves, so a loop-step rate would differ
 
 
+def test_a_logit_scale_past_the_cap_is_clamped_back_and_keeps_its_gradient(guarded):
+  """The cap binds on the parameter, so a scale that overshot it comes back
+  to it and can still move down: a cap on exp(log_scale) alone would zero its
+  gradient and leave it stuck above."""
+  step, state, batch, mesh, graphdef = guarded
+  model, optimizer = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  model.log_scale[...] = jnp.asarray(MAX_LOG_SCALE + 0.5, jnp.float32)
+  state, _ = step(nnx.state((model, optimizer)), sharding.put_batch(batch, mesh))
+  model, _ = nnx.merge(graphdef, state)
+  assert float(model.log_scale[...]) == pytest.approx(MAX_LOG_SCALE)
+  assert float(model.logit_scale) == pytest.approx(MAX_LOGIT_SCALE)
+  grads = nnx.grad(lambda m: m.logit_scale)(model)
+  assert float(grads.log_scale[...]) > 0  # the loss can still lower the scale
+
+
 def test_without_the_guard_the_same_input_turns_parameters_nan():
   """What optim.skip_nonfinite prevents: the unguarded step applies the NaN update."""
-  step, state, batch, mesh = _micro_step(skip_nonfinite=False)
+  step, state, batch, mesh, _ = _micro_step(skip_nonfinite=False)
   batch["images"][0, 0, 0, 0, 0] = np.nan
   state, metrics = step(state, sharding.put_batch(batch, mesh))
   assert "train/nonfinite_steps" not in metrics

@@ -20,6 +20,7 @@ from ito_jax.models.vit import VisionTransformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MAX_LOGIT_SCALE = 100.0
+MAX_LOG_SCALE = math.log(MAX_LOGIT_SCALE)  # train.py clamps the parameter here
 
 
 def l2_normalize(x, axis=-1, eps=1e-6):
@@ -84,7 +85,8 @@ class ItoModel(nnx.Module):
 
   @property
   def logit_scale(self):
-    return jnp.minimum(jnp.exp(self.log_scale[...]), MAX_LOGIT_SCALE)
+    # Capped before exp: at the cap the gradient still reaches log_scale.
+    return jnp.exp(jnp.minimum(self.log_scale[...], MAX_LOG_SCALE))
 
 
 def encoder_filter():
