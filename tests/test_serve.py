@@ -288,6 +288,33 @@ def test_malformed_request_gets_4xx_and_server_stays_up(server, case):
   assert status == 200 and health["status"] == "ok"
 
 
+@pytest.fixture(scope="module")
+def modelless_server():
+  """A server over a stand-in embedder: request handling without a trained model."""
+  import types  # pylint: disable=g-import-not-at-top
+  fake = types.SimpleNamespace(
+      max_batch=4, embed_dim=2, image_size=8, preprocess_image=_preprocessing_only(8).preprocess_image,
+      tokenize=lambda texts: np.zeros((len(texts), 4), np.int32),
+      embed_tokens=lambda tokens: np.ones((len(tokens), 2), np.float32),
+      embed_preprocessed_images=lambda images: np.ones((len(images), 2), np.float32))
+  srv = serve_http.start(fake, port=0, limits=LIMITS)
+  yield srv
+  srv.shutdown()
+  srv.server_close()
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"texts": ["ok", "\\ud800 red"]}', "texts[1] is not valid Unicode: a lone surrogate"),
+    (b"[" * 20_000 + b"]" * 20_000, "malformed JSON: nested too deeply"),
+])
+def test_unencodable_text_and_deep_json_get_400(modelless_server, body, message):
+  status, reply = request(modelless_server, "POST", "/embed/text", body,
+                          {"Content-Type": "application/json"})
+  assert status == 400 and message in reply["error"], (status, reply)
+  status, reply = post_json(modelless_server, "/embed/text", {"texts": ["a red circle"]})
+  assert status == 200 and reply["embeddings"] == [[1.0, 1.0]]
+
+
 @pytest.mark.parametrize("raw, want_status, message", [
     (b"POST /embed/text HTTP/1.1\r\nHost: x\r\n\r\n", 411, "Content-Length"),
     (b"POST /embed/text HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400, "bad Content-Length"),

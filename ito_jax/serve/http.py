@@ -165,6 +165,12 @@ def parse_texts(body, embedder: serve.Embedder, limits: Limits) -> np.ndarray:
   for i, text in enumerate(texts):
     if not text.strip():
       raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{i}] is empty")
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON escapes can spell a lone surrogate (\ud800)
+      raise RequestError(HTTPStatus.BAD_REQUEST,
+                         f"texts[{i}] is not valid Unicode: a lone surrogate "
+                         f"{text[e.start]!r} at character {e.start}") from None
     if len(text) > limits.max_text_chars:
       raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                          f"texts[{i}] has {len(text)} characters; the limit is {limits.max_text_chars}")
@@ -269,6 +275,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(raw)
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {e}") from None
+      except RecursionError:
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           "malformed JSON: nested too deeply for the parser") from None
       kind, parse = kinds[self.path]
       rows = parse(body, self.server.embedder, self.server.limits)
       embeddings = self.server.batchers[kind].submit(rows)
