@@ -140,6 +140,9 @@ def test_augmentations_keep_captions_true():
   rng = np.random.default_rng(0)
   assert augment.flip_captions(['a red circle on the left', 'right side, left']) == [
       'a red circle on the right', 'left side, right']
+  assert augment.flip_captions(['Left of the tree, a dog', 'A dog on the LEFT', 'Right, left-hand',
+                                'the leftmost dog, bright']) == [
+      'Right of the tree, a dog', 'A dog on the RIGHT', 'Left, right-hand', 'the leftmost dog, bright']
   image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
   flipped, _ = augment.flip_sample(image, [])
   np.testing.assert_array_equal(flipped[:, 0], image[:, -1])

@@ -77,13 +77,21 @@ def image_view(image: np.ndarray, rng: np.random.Generator, size: int,
   return to_unit_range(jitter_brightness_contrast(crop, rng))
 
 
-_LEFT_RIGHT = re.compile(r'\b(left|right)\b')
+_LEFT_RIGHT = re.compile(r'\b(left|right)\b', re.IGNORECASE)
+
+
+def _swap_left_right(match: re.Match) -> str:
+  word = match.group(1)
+  other = 'right' if word.lower() == 'left' else 'left'
+  if word.isupper():
+    return other.upper()
+  return other.capitalize() if word[0].isupper() else other
 
 
 def flip_captions(captions: Sequence[str]) -> list[str]:
-  """Swaps the words left <-> right, matching a horizontally mirrored image."""
-  swap = lambda m: 'right' if m.group(1) == 'left' else 'left'
-  return [_LEFT_RIGHT.sub(swap, c) for c in captions]
+  """Swaps the words left <-> right in any case, keeping the word's case
+  (Left -> Right, LEFT -> RIGHT), matching a horizontally mirrored image."""
+  return [_LEFT_RIGHT.sub(_swap_left_right, c) for c in captions]
 
 
 def flip_sample(image: np.ndarray, captions: Sequence[str]) -> tuple[np.ndarray, list[str]]:
