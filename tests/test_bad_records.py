@@ -30,6 +30,12 @@ def test_record_bytes_roundtrip_and_corrupt_records():
     with pytest.raises(records.BadRecord) as e:
       records.parse(got, LIMITS)
     assert e.value.kind == 'corrupt_record'
+  for label in ('x', 2.7, [1], True):  # a header edited by hand, or another writer's
+    head = json.dumps({'id': 'r', 'label': label, 'image': 3, 'captions': None}).encode()
+    got = records.decode(b'ITOR' + len(head).to_bytes(4, 'little') + head + b'png', 'shard#8')
+    assert got.corrupt == f'ValueError: label {label!r} is not an integer or null', got
+    with pytest.raises(records.BadRecord, match='corrupt_record: .*label'):
+      records.parse(got, LIMITS)
 
 
 def test_every_bad_image_kind_is_recognised():

@@ -125,10 +125,12 @@ def decode(data: bytes, fallback_id: str = '?') -> RawRecord:
       offset += size
     if offset != len(data):
       raise ValueError(f'blob lengths add up to {offset} bytes, record has {len(data)}')
+    label = header.get('label')
+    if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
+      raise ValueError(f'label {label!r} is not an integer or null')
     image = blobs.pop(0) if header['image'] is not None else None
     return RawRecord(id=str(header.get('id') or fallback_id), image=image,
-                     captions=None if header['captions'] is None else blobs,
-                     label=header.get('label'))
+                     captions=None if header['captions'] is None else blobs, label=label)
   except (ValueError, KeyError, TypeError, struct.error) as e:
     return RawRecord(id=fallback_id, corrupt=f'{type(e).__name__}: {e}')
 
