@@ -203,6 +203,33 @@ def _read_model_config(export_dir: epath.Path) -> ml_collections.ConfigDict:
   return config.model
 
 
+def _is_shape(value) -> bool:
+  return isinstance(value, list) and all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+def _check_manifest(export_dir, manifest) -> None:
+  """The manifest's structure, before any field of it is used."""
+  if not isinstance(manifest, dict):
+    _fail(export_dir, MANIFEST, f"expected a JSON object, got {type(manifest).__name__}")
+  if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    _fail(export_dir, MANIFEST, f"format {manifest.get('format')!r} version "
+                                f"{manifest.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+  params = manifest.get("params")
+  if not isinstance(params, dict):
+    _fail(export_dir, MANIFEST, "'params' is missing" if params is None else
+          f"'params' must be an object {{name: {{shape, dtype}}}}, got {type(params).__name__}")
+  for name, entry in params.items():
+    if not (isinstance(entry, dict) and _is_shape(entry.get("shape"))
+            and isinstance(entry.get("dtype"), str)):
+      _fail(export_dir, MANIFEST, f"params entry {name!r} must be {{'shape': [int, ...], "
+                                  f"'dtype': str}}, got {json.dumps(entry)[:100]}")
+  templates = manifest.get("templates", [])
+  if not (isinstance(templates, list) and all(isinstance(t, str) for t in templates)):
+    _fail(export_dir, MANIFEST, f"'templates' must be a list of strings, got "
+                                f"{json.dumps(templates)[:100]}")
+
+
 def _read_params(export_dir, manifest: dict) -> dict:
   """{name: array} from params.npz, checked against the manifest entry by entry."""
   try:
@@ -240,9 +267,7 @@ def load(export_dir: str) -> Export:
     manifest = json.loads((export_dir / MANIFEST).read_text())
   except (OSError, ValueError) as e:
     _fail(export_dir, MANIFEST, f"unreadable JSON ({e})")
-  if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-    _fail(export_dir, MANIFEST, f"format {manifest.get('format')!r} version "
-                                f"{manifest.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+  _check_manifest(export_dir, manifest)
   model_config = _read_model_config(export_dir)
   params = _read_params(export_dir, manifest)
 

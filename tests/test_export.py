@@ -3,6 +3,7 @@ the export command, and every kind of bad export it must refuse."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import data_helpers
 import tiny_run
 from ito_jax import checkpoint, export, serve, train
 from ito_jax.data import pipeline
+from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate.evaluator import embed_in_batches
+from ito_jax.models import ito
 from ito_jax.models.ito import count_params, encoder_filter
 
 pytestmark = pytest.mark.slow
@@ -183,6 +187,52 @@ def test_bad_export_is_refused_with_a_named_error(case, trained, tmp_path):
     serve.load(export_dir)
   for fragment in expected:
     assert fragment in str(err.value), (fragment, str(err.value))
+
+
+@pytest.fixture(scope="module")
+def micro_export(tmp_path_factory):
+  """An export of a small untrained model: load's checks without the reference run."""
+  base = tmp_path_factory.mktemp("micro_export")
+  config = data_helpers.micro_config()
+  tokenizer_lib.train_tokenizer([f"a red circle number {i}" for i in range(30)],
+                                str(base / "tokenizer.model"), 64)
+  with nnx.use_eager_sharding(False):
+    model = ito.ItoModel(config.model, rngs=nnx.Rngs(0))
+  params = {k: np.asarray(v) for k, v in
+            export.flatten(nnx.to_pure_dict(nnx.state(model, encoder_filter()))).items()}
+  return export.write(params, config.model, str(base / "tokenizer.model"), str(base / "export"),
+                      step=0)
+
+
+def _entry(m, value):
+  first = sorted(m["params"])[0]
+  return {**m, "params": {**m["params"], first: value}}
+
+
+MALFORMED_MANIFESTS = {
+    "a list": (lambda m: [m], "expected a JSON object, got list"),
+    "no params": (lambda m: {k: v for k, v in m.items() if k != "params"}, "'params' is missing"),
+    "params a list": (lambda m: {**m, "params": list(m["params"])}, "'params' must be an object"),
+    "entry a string": (lambda m: _entry(m, "x"), "params entry 'image_proj/kernel' must be"),
+    "entry without dtype": (lambda m: _entry(m, {"shape": [32]}), "params entry 'image_proj/kernel'"),
+    "shape of strings": (lambda m: _entry(m, {"shape": ["32"], "dtype": "float32"}),
+                         "params entry 'image_proj/kernel'"),
+    "templates a string": (lambda m: {**m, "templates": "a {}"}, "'templates' must be a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_MANIFESTS))
+def test_structurally_malformed_manifest_is_an_export_error(case, micro_export, tmp_path):
+  export_dir = str(tmp_path / "export")
+  shutil.copytree(micro_export, export_dir)
+  change, message = MALFORMED_MANIFESTS[case]
+  path = os.path.join(export_dir, "manifest.json")
+  with open(path) as f:
+    manifest = change(json.load(f))
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(export.ExportError, match=f"manifest.json: .*{re.escape(message)}"):
+    export.load(export_dir)
 
 
 def test_bfloat16_parameters_round_trip_without_pickle(tmp_path, trained):
