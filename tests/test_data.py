@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+from etils import epath
 
 from ito_jax.data import augment, pipeline, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
@@ -133,6 +134,25 @@ def test_tokenizer_roundtrip_eos_padding_and_pickle(built, tmp_path):
   assert 30 < tok.vocab_size <= 512
   big = tokenizer_lib.train_tokenizer(captions, str(tmp_path / 'big.model'), 8192)
   assert big.vocab_size <= 8192 and big.decode(big.encode_batch(captions[:1], 64)[0]) == captions[0]
+
+
+def test_interrupted_tokenizer_write_leaves_no_partial_model(tmp_path, monkeypatch):
+  path = tmp_path / 'tok.model'
+  good = tokenizer_lib.train_tokenizer(['a red circle on the left'] * 5, str(path), 64)
+  before = path.read_bytes()
+
+  def dies_halfway(self, data):
+    with open(self, 'wb') as f:
+      f.write(data[:len(data) // 2])
+    raise KeyboardInterrupt('killed mid-write')
+
+  monkeypatch.setattr(type(epath.Path(path)), 'write_bytes', dies_halfway)
+  with pytest.raises(KeyboardInterrupt):
+    tokenizer_lib.train_tokenizer(['two blue squares'] * 5, str(path), 64)
+  with pytest.raises(KeyboardInterrupt):
+    tokenizer_lib.train_tokenizer(['two blue squares'] * 5, str(tmp_path / 'new.model'), 64)
+  assert path.read_bytes() == before and good.vocab_size > 3  # the old model, whole
+  assert not (tmp_path / 'new.model').exists()  # nothing a later run could take for a model
 
 
 # ----------------------------------------------------------------- augmentations

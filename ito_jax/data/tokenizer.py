@@ -11,6 +11,7 @@ bytes, and each process builds its processor lazily on first use.
 from __future__ import annotations
 
 import io
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -95,5 +96,10 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> T
                      f'{len(texts)} texts: {e}') from e
   path = epath.Path(model_path)  # local or gs://
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(proto.getvalue())
+  # Written whole beside the target, then renamed over it (os.replace locally,
+  # a copy that appears complete on object stores): an interrupted write leaves
+  # no truncated model that a later run would reuse.
+  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
+  tmp.write_bytes(proto.getvalue())
+  tmp.replace(path)
   return Tokenizer(proto.getvalue())
