@@ -1,7 +1,8 @@
 """The encoder-only export: what serving needs and nothing else.
 
   DIR/export/
-    manifest.json      format, version, step, every array's name/shape/dtype, templates
+    manifest.json      format, version, step, every array's name/shape/dtype, templates,
+                       the tokenizer's sha256 and vocab size
     model_config.json  the `model` config section, fusion disabled (serving builds no head)
     params.npz         image tower, text tower, projections, log_scale, logit_bias
     tokenizer.model    the run's sentencepiece model
@@ -13,8 +14,9 @@ particular count; bfloat16 arrays are stored as their uint16 bits and named
 bfloat16 in the manifest (numpy has no bfloat16 of its own).
 
 `load` checks everything before it builds anything: a missing file, an array
-whose shape or dtype differs from the manifest, or a model config whose
-parameters differ from the weights raises ExportError naming the file and the
+whose shape or dtype differs from the manifest, a model config whose
+parameters differ from the weights, or a tokenizer whose sha256 or vocab size
+differs from the manifest's raises ExportError naming the file and the
 parameter; no half-loaded model is ever returned.
 
   python -m ito_jax.main export --workdir=DIR   # from DIR's latest checkpoint
@@ -23,6 +25,7 @@ parameter; no half-loaded model is ever returned.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import zipfile
@@ -114,6 +117,11 @@ def write(params: dict, model_config: ml_collections.ConfigDict, tokenizer_path:
           export_dir: str, *, step: int, templates=(), trained_with_fusion: bool = False) -> str:
   """Writes an export from flat host arrays. The files go to a temporary
   sibling directory first, which then replaces `export_dir`."""
+  tokenizer_bytes = _path(tokenizer_path).read_bytes()
+  try:
+    vocab_size = Tokenizer(tokenizer_bytes).vocab_size
+  except RuntimeError as e:
+    raise ValueError(f"cannot export: {tokenizer_path} is not a sentencepiece model ({e})") from e
   export_dir = _path(export_dir)
   tmp = export_dir.parent / f"{export_dir.name}.tmp-{os.getpid()}"
   if tmp.exists():
@@ -126,11 +134,13 @@ def write(params: dict, model_config: ml_collections.ConfigDict, tokenizer_path:
   with (tmp / PARAMS).open("wb") as f:
     np.savez(f, **stored)
   (tmp / CONFIG).write_text(serving_model_config(model_config).to_json_best_effort(indent=2))
-  (tmp / TOKENIZER).write_bytes(_path(tokenizer_path).read_bytes())
+  (tmp / TOKENIZER).write_bytes(tokenizer_bytes)
   manifest = {"format": FORMAT, "version": VERSION, "step": int(step),
               "param_count": int(sum(np.prod(e["shape"], dtype=np.int64) for e in entries.values())),
               "trained_with_fusion": bool(trained_with_fusion), "templates": list(templates),
-              "files": list(FILES), "params": entries}
+              "files": list(FILES), "params": entries,
+              "tokenizer": {"sha256": hashlib.sha256(tokenizer_bytes).hexdigest(),
+                            "vocab_size": vocab_size}}
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
   if export_dir.exists():
     export_dir.rmtree()
@@ -224,6 +234,12 @@ def _check_manifest(export_dir, manifest) -> None:
             and isinstance(entry.get("dtype"), str)):
       _fail(export_dir, MANIFEST, f"params entry {name!r} must be {{'shape': [int, ...], "
                                   f"'dtype': str}}, got {json.dumps(entry)[:100]}")
+  tokenizer = manifest.get("tokenizer")  # absent from exports older than the field
+  if tokenizer is not None and not (
+      isinstance(tokenizer, dict) and isinstance(tokenizer.get("sha256"), str)
+      and isinstance(tokenizer.get("vocab_size"), int) and not isinstance(tokenizer["vocab_size"], bool)):
+    _fail(export_dir, MANIFEST, f"'tokenizer' must be {{'sha256': str, 'vocab_size': int}}, got "
+                                f"{json.dumps(tokenizer)[:100]}")
   templates = manifest.get("templates", [])
   if not (isinstance(templates, list) and all(isinstance(t, str) for t in templates)):
     _fail(export_dir, MANIFEST, f"'templates' must be a list of strings, got "
@@ -287,10 +303,23 @@ def load(export_dir: str) -> Export:
                               + "; ".join(problems[:5]))
 
   try:
-    tokenizer = Tokenizer((export_dir / TOKENIZER).read_bytes())
+    tokenizer_bytes = (export_dir / TOKENIZER).read_bytes()
+  except OSError as e:
+    _fail(export_dir, TOKENIZER, f"unreadable ({e})")
+  recorded = manifest.get("tokenizer")
+  if recorded is not None:
+    digest = hashlib.sha256(tokenizer_bytes).hexdigest()
+    if digest != recorded["sha256"]:
+      _fail(export_dir, TOKENIZER, f"sha256 {digest} differs from {recorded['sha256']} in "
+                                   f"{MANIFEST}: the file is truncated or was replaced")
+  try:
+    tokenizer = Tokenizer(tokenizer_bytes)
     vocab = tokenizer.vocab_size
-  except (OSError, RuntimeError) as e:
+  except RuntimeError as e:
     _fail(export_dir, TOKENIZER, f"not a sentencepiece model ({e})")
+  if recorded is not None and vocab != recorded["vocab_size"]:
+    _fail(export_dir, TOKENIZER, f"{vocab} pieces, but {MANIFEST} records vocab_size "
+                                 f"{recorded['vocab_size']}")
   if vocab > model_config.text.vocab_size:
     _fail(export_dir, TOKENIZER, f"{vocab} pieces, more than {CONFIG} text.vocab_size "
                                  f"{model_config.text.vocab_size}")

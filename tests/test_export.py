@@ -1,6 +1,7 @@
 """The encoder-only export: contents, round trip against the training model,
 the export command, and every kind of bad export it must refuse."""
 
+import hashlib
 import json
 import os
 import re
@@ -173,7 +174,11 @@ BAD_EXPORTS = {
     "pickled object array": (_object_array, ["params.npz", "unreadable", "allow_pickle"]),
     "corrupt manifest": (lambda d: _truncate(d, "manifest.json"), ["manifest.json", "unreadable JSON"]),
     "garbage tokenizer": (lambda d: open(os.path.join(d, "tokenizer.model"), "wb").write(b"not a model"),
-                          ["tokenizer.model", "not a sentencepiece model"]),
+                          ["tokenizer.model", "sha256", "truncated or was replaced"]),
+    "garbage tokenizer, no sha256 recorded": (
+        lambda d: (_edit_json(d, "manifest.json", lambda m: m.pop("tokenizer")),
+                   open(os.path.join(d, "tokenizer.model"), "wb").write(b"not a model")),
+        ["tokenizer.model", "not a sentencepiece model"]),
 }
 
 
@@ -218,6 +223,8 @@ MALFORMED_MANIFESTS = {
     "shape of strings": (lambda m: _entry(m, {"shape": ["32"], "dtype": "float32"}),
                          "params entry 'image_proj/kernel'"),
     "templates a string": (lambda m: {**m, "templates": "a {}"}, "'templates' must be a list"),
+    "tokenizer without sha256": (lambda m: {**m, "tokenizer": {"vocab_size": 64}},
+                                 "'tokenizer' must be {'sha256': str, 'vocab_size': int}"),
 }
 
 
@@ -235,10 +242,39 @@ def test_structurally_malformed_manifest_is_an_export_error(case, micro_export, 
     export.load(export_dir)
 
 
+def test_tokenizer_is_checked_against_the_manifest(micro_export, tmp_path):
+  with open(os.path.join(micro_export, "manifest.json")) as f:
+    recorded = json.load(f)["tokenizer"]
+  with open(os.path.join(micro_export, "tokenizer.model"), "rb") as f:
+    good = f.read()
+  assert recorded == {"sha256": hashlib.sha256(good).hexdigest(),
+                      "vocab_size": tokenizer_lib.Tokenizer(good).vocab_size}
+
+  def damaged(name, tokenizer_bytes=None, manifest_change=None):
+    export_dir = str(tmp_path / name)
+    shutil.copytree(micro_export, export_dir)
+    if tokenizer_bytes is not None:
+      with open(os.path.join(export_dir, "tokenizer.model"), "wb") as f:
+        f.write(tokenizer_bytes)
+    if manifest_change is not None:
+      _edit_json(export_dir, "manifest.json", manifest_change)
+    return export_dir
+
+  # A prefix of a sentencepiece model can still parse (as a 7-piece model).
+  with pytest.raises(export.ExportError, match="tokenizer.model: sha256 .* truncated or was replaced"):
+    export.load(damaged("truncated", good[:100]))
+  wrong = recorded["vocab_size"] + 1
+  with pytest.raises(export.ExportError, match=f"tokenizer.model: {wrong - 1} pieces, but "
+                                               f"manifest.json records vocab_size {wrong}"):
+    export.load(damaged("vocab", manifest_change=lambda m: m["tokenizer"].update(vocab_size=wrong)))
+  older = export.load(damaged("older", manifest_change=lambda m: m.pop("tokenizer")))
+  assert older.tokenizer.vocab_size == recorded["vocab_size"]  # exports before the field still load
+
+
 def test_bfloat16_parameters_round_trip_without_pickle(tmp_path, trained):
   params = {"a/kernel": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)}
   export.write({k: np.asarray(v) for k, v in params.items()}, trained["config"].model,
-               os.path.join(tiny_run.ROOT, "README.md"), str(tmp_path / "e"), step=0)
+               os.path.join(trained["export_dir"], "tokenizer.model"), str(tmp_path / "e"), step=0)
   with open(tmp_path / "e" / "manifest.json") as f:
     assert json.load(f)["params"]["a/kernel"] == {"shape": [2, 3], "dtype": "bfloat16"}
   loaded = export._read_params(str(tmp_path / "e"), json.load(open(tmp_path / "e" / "manifest.json")))
