@@ -169,6 +169,30 @@ def test_labels_without_captions_get_template_captions(tmp_path):
   assert m['num_records'] == 0 and m['bad'] == {'missing_field': 3}
 
 
+def test_negative_labels_mean_none_and_out_of_range_labels_are_bad(tmp_path):
+  os.makedirs(tmp_path / 'in')
+  rows = [({'label': 0}, '0.png'), ({'label': -1, 'caption': 'a red circle'}, '1.png'),
+          ({'label': -1}, '2.png'), ({'label': 3}, '3.png'), ({'label': 2.5}, '4.png'),
+          ({'label': True}, '5.png')]
+  ex = h.shapes_examples(1)[0]
+  for row, image in rows:
+    (tmp_path / 'in' / image).write_bytes(ex['image'])
+  (tmp_path / 'in' / 'captions.jsonl').write_text(''.join(
+      json.dumps({'image': image, **row}) + '\n' for row, image in rows))
+  m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'out'),
+                      convert.Options(caption_template='a photo of a {}.'),
+                      class_names=['cat', 'dog', 'emu'], progress=False)
+  got = _records(str(tmp_path / 'out'))
+  assert {k: (r.label, r.captions) for k, r in got.items()} == {
+      '0.png': (0, [b'a photo of a cat.']), '1.png': (None, [b'a red circle'])}
+  # -1 is no label: without a caption the record has nothing to train on.
+  assert m['bad'] == {'missing_field': 1, 'bad_label': 3} and m['num_labelled'] == 1
+  assert m['bad_examples']['missing_field'] == ['2.png']
+  assert m['bad_examples']['bad_label'] == [
+      '3.png (label 3 is not below the number of class names, 3)',
+      '4.png (label 2.5 is not an integer)', '5.png (label True is not an integer)']
+
+
 def test_parallel_resume_and_refusal(inputs, tmp_path):
   root, _, _ = inputs
   out = str(tmp_path / 'out')

@@ -29,6 +29,10 @@ each to a temporary file renamed when complete, then a `.done.json` marker; a
 rerun skips shards with a marker, so an interrupted conversion resumes. The
 manifest is written last, so its presence means the conversion is complete.
 
+Labels: a negative integer label means no label; a label that is not an
+integer, or (when the input has class names) not below their number, is a bad
+record of kind `bad_label`.
+
 With --validate (default) every record is decoded with the same checks
 training applies (`records.parse`, captions optional for labelled records,
 which evaluation can use); bad ones are counted and left out, repaired
@@ -95,6 +99,12 @@ def write_shard(source, task, path: str, class_names: list[str], options: Option
         if len(examples['corrupt_record']) < EXAMPLES_KEPT:
           examples['corrupt_record'].append(raw.id)
         continue
+      problem = _check_label(raw, class_names)
+      if problem:
+        bad['bad_label'] += 1
+        if len(examples['bad_label']) < EXAMPLES_KEPT:
+          examples['bad_label'].append(f'{raw.id} ({problem})')
+        continue
       if not raw.captions and options.caption_template and raw.label is not None and class_names:
         raw.captions = [options.caption_template.format(class_names[raw.label]).encode()]
       if options.validate:
@@ -124,6 +134,23 @@ def write_shard(source, task, path: str, class_names: list[str], options: Option
             'max_captions': max(caption_counts, default=0)}
   _write_json(path + '.done.json', marker)
   return marker
+
+
+def _check_label(raw: records.RawRecord, class_names: list[str]) -> str:
+  """Why `raw.label` is unusable ('' if it is fine). A negative label is the
+  project's "no label" (`records.Example.label` -1) and becomes None; with
+  class names, a label must index them."""
+  label = raw.label
+  if label is None:
+    return ''
+  if not isinstance(label, int) or isinstance(label, bool):
+    return f'label {label!r} is not an integer'
+  if label < 0:
+    raw.label = None
+    return ''
+  if class_names and label >= len(class_names):
+    return f'label {label} is not below the number of class names, {len(class_names)}'
+  return ''
 
 
 def _run_task(args) -> dict:
