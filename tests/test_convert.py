@@ -193,6 +193,31 @@ def test_negative_labels_mean_none_and_out_of_range_labels_are_bad(tmp_path):
       '4.png (label 2.5 is not an integer)', '5.png (label True is not an integer)']
 
 
+def test_captions_that_are_not_strings_are_dropped_and_counted(tmp_path):
+  png = h.shapes_examples(1)[0]['image']
+  os.makedirs(tmp_path / 'in')
+  (tmp_path / 'in' / 'a.png').write_bytes(png)
+  (tmp_path / 'in' / 'captions.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in [
+      {'image': 'a.png', 'id': 'mixed', 'captions': [None, 7, {'x': 1}, 'a red circle']},
+      {'image': 'a.png', 'id': 'mixed', 'caption': 'a red disc'},
+      {'image': 'a.png', 'id': 'dict', 'caption': {'text': 'a red circle'}},
+      {'image': 'a.png', 'id': 'number', 'caption': 7, 'label': 0}]))
+  m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'folder'), progress=False)
+  got = _records(str(tmp_path / 'folder'))
+  assert {k: r.captions for k, r in got.items()} == {'mixed': [b'a red circle', b'a red disc'],
+                                                     'number': None}
+  assert m['bad'] == {'missing_field': 1}  # 'dict': no caption left, and no label
+  assert m['repaired'] == {'dropped_non_string_caption': 4}  # 3 of 'mixed', 1 of 'number'
+  os.makedirs(tmp_path / 'tars')
+  h.write_tar(str(tmp_path / 'tars' / 'a.tar'), [
+      ('k/0.png', png), ('k/0.json', json.dumps({'captions': [None, 'a red circle', 3.5]}).encode()),
+      ('k/1.png', png), ('k/1.json', json.dumps({'caption': 7, 'label': 1}).encode())])
+  m = convert.convert('tar', str(tmp_path / 'tars'), str(tmp_path / 'tar'), progress=False)
+  got = _records(str(tmp_path / 'tar'))
+  assert {k: r.captions for k, r in got.items()} == {'k/0': [b'a red circle'], 'k/1': []}
+  assert m['bad'] == {} and m['repaired'] == {'dropped_non_string_caption': 3}
+
+
 def test_parallel_resume_and_refusal(inputs, tmp_path):
   root, _, _ = inputs
   out = str(tmp_path / 'out')

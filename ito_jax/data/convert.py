@@ -32,6 +32,8 @@ manifest is written last, so its presence means the conversion is complete.
 Labels: a negative integer label means no label; a label that is not an
 integer, or (when the input has class names) not below their number, is a bad
 record of kind `bad_label`.
+Caption items that are not strings (JSON null, numbers, objects) are left
+out and counted in `repaired` as `dropped_non_string_caption`.
 
 With --validate (default) every record is decoded with the same checks
 training applies (`records.parse`, captions optional for labelled records,
@@ -119,6 +121,7 @@ def write_shard(source, task, path: str, class_names: list[str], options: Option
           continue
         repaired.update(example.repairs)
       writer.write(records.encode(raw))
+      repaired.update(f'dropped_{kind}' for kind in raw.dropped)  # as records' dropped captions
       written += 1
       labelled += raw.label is not None
       caption_counts.append(len(raw.captions or ()))

@@ -20,6 +20,16 @@ from ito_jax.data import records, sources
 KINDS = ('folder', 'tar', 'tfds')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 
+
+def string_captions(value) -> tuple[list[str], int]:
+  """A caption field's value (one caption or a list of them) -> (the string
+  captions, how many items were not strings). JSON null, numbers or objects
+  are no caption text; they are left out and counted, not stored as 'None'."""
+  items = value if isinstance(value, list) else [value]
+  texts = [c for c in items if isinstance(c, str)]
+  return texts, len(items) - len(texts)
+
+
 class FolderInput:
   """Images in a directory with a JSONL or CSV captions file."""
 
@@ -30,8 +40,10 @@ class FolderInput:
     by_id: dict[str, dict] = {}
     for row in rows:  # rows of one id (by default: one image) add up
       entry = by_id.setdefault(row['id'], {'image': row['image'], 'id': row['id'],
-                                              'captions': [], 'label': row['label']})
+                                              'captions': [], 'label': row['label'],
+                                              'non_string_captions': 0})
       entry['captions'] += row['captions']
+      entry['non_string_captions'] += row['non_string_captions']
       if entry['label'] is None:
         entry['label'] = row['label']
     self.entries = list(by_id.values())
@@ -56,7 +68,8 @@ class FolderInput:
     raise FileNotFoundError(f'no captions.jsonl or captions.csv in {self.root}; pass --captions')
 
   def _read_rows(self) -> tuple[list[dict], list[str]]:
-    """Rows as {image, id, captions: [str], label}; malformed ones as 'file:line'."""
+    """Rows as {image, id, captions: [str], non_string_captions: int, label};
+    malformed ones as 'file:line'."""
     rows, malformed = [], []
     # surrogateescape keeps bytes that are not UTF-8, for the record checks to judge.
     with open(self.captions_file, encoding='utf-8', errors='surrogateescape', newline='') as f:
@@ -75,13 +88,14 @@ class FolderInput:
         image = next((row[k] for k in ('image', 'file', 'file_name', 'filename', 'path')
                       if row.get(k)), None)
         caption = next((row[k] for k in ('captions', 'caption', 'text') if row.get(k) is not None), None)
-        captions = [] if caption is None else [caption] if isinstance(caption, str) else list(caption)
+        captions, non_strings = ([], 0) if caption is None else string_captions(caption)
         label = row.get('label')
         if isinstance(label, str) and label.strip().lstrip('-').isdigit():
           label = int(label)  # CSV gives strings
         rows.append({'image': image or f'<row {line_no}>',
                      'id': str(row.get('id') or image or f'row{line_no}'),
-                     'captions': [str(c) for c in captions], 'label': label if label != '' else None})
+                     'captions': captions, 'non_string_captions': non_strings,
+                     'label': label if label != '' else None})
     return rows, malformed
 
   def tasks(self, records_per_shard: int) -> list:
@@ -96,7 +110,8 @@ class FolderInput:
         with open(path, 'rb') as f:
           image = f.read()
       yield records.RawRecord(id=e['id'], image=image, label=e['label'],
-                              captions=[records.to_bytes(c) for c in e['captions']] or None)
+                              captions=[records.to_bytes(c) for c in e['captions']] or None,
+                              dropped=('non_string_caption',) * e['non_string_captions'])
 
   def describe(self) -> dict:
     return {'root': self.root, 'captions_file': os.path.abspath(self.captions_file),
@@ -146,7 +161,7 @@ class TarInput:
   @staticmethod
   def _record(key: str, group: dict[str, bytes]) -> records.RawRecord:
     image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
-    captions, label = None, None
+    captions, label, dropped = None, None, ()
     if 'txt' in group:
       captions = [group['txt']]  # raw bytes: the record checks judge the encoding
     if 'json' in group:
@@ -157,8 +172,8 @@ class TarInput:
       if isinstance(meta, dict):
         value = next((meta[k] for k in ('captions', 'caption', 'text') if meta.get(k) is not None), None)
         if value is not None and captions is None:
-          captions = [records.to_bytes(v if isinstance(v, str) else str(v))
-                      for v in ([value] if isinstance(value, str) else value)]
+          texts, non_strings = string_captions(value)
+          captions, dropped = [records.to_bytes(t) for t in texts], ('non_string_caption',) * non_strings
         if isinstance(meta.get('label'), int):
           label = meta['label']
     if 'cls' in group:
@@ -166,7 +181,7 @@ class TarInput:
         label = int(group['cls'].decode().strip())
       except (UnicodeDecodeError, ValueError):
         pass
-    return records.RawRecord(id=key, image=image, captions=captions, label=label)
+    return records.RawRecord(id=key, image=image, captions=captions, label=label, dropped=dropped)
 
   def describe(self) -> dict:
     return {'tars': [os.path.abspath(t) for t in self.tars]}

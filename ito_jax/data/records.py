@@ -70,6 +70,9 @@ class RawRecord:
   captions: list[bytes] | None = None
   label: int | None = None
   corrupt: str = ''  # set when the serialized record could not be parsed
+  # Kinds of captions an input reader left out before the record was built
+  # (e.g. 'non_string_caption': JSON null or a number); counted, never stored.
+  dropped: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
