@@ -303,6 +303,41 @@ def test_eval_arrays_from_a_converted_source(converted):
     Evaluator(config, labels_only, [], tok)
 
 
+def test_eval_retrieval_uses_the_captioned_examples_and_zero_shot_all(tmp_path):
+  """One labelled example without captions must not switch retrieval off."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ito_jax.evaluate.evaluator import Evaluator  # pylint: disable=g-import-not-at-top
+  from ito_jax.models import ito  # pylint: disable=g-import-not-at-top
+  ex = h.shapes_examples(8, split='validation')
+  h.write_folder(str(tmp_path / 'clean_in'), ex)
+  h.write_folder(str(tmp_path / 'mixed_in'), ex)
+  with open(tmp_path / 'mixed_in' / 'captions.jsonl', 'a') as f:  # sorts first by id
+    f.write(json.dumps({'image': f'img/{ex[0]["id"]}.png', 'id': 'extra',
+                        'label': synthetic.CLASS_NAMES[ex[0]['label']]}) + '\n')
+  tok = tokenizer_lib.train_tokenizer([c for e in ex for c in e['captions']], str(tmp_path / 'tok'), 128)
+  arrays = {}
+  for name in ('clean', 'mixed'):
+    convert.convert('folder', str(tmp_path / f'{name}_in'), str(tmp_path / name), progress=False)
+    arrays[name] = pipeline.eval_arrays(h.micro_config(eval_source=str(tmp_path / name)), tok, 'x')
+  clean, mixed = arrays['clean'], arrays['mixed']
+  assert mixed['tokens'].shape == (9, 5, 16) and mixed['captioned'].tolist() == [False] + [True] * 8
+  assert (mixed['tokens'][0] == 0).all() and (mixed['labels'] >= 0).all()
+  np.testing.assert_array_equal(mixed['tokens'][1:], clean['tokens'])
+
+  config = h.micro_config(eval_source=str(tmp_path / 'mixed'))
+  names = pipeline.class_names(config)
+  both = Evaluator(config, mixed, names, tok)
+  assert both.zeroshot and both.retrieval and both.retrieval_rows.tolist() == list(range(1, 9))
+  with nnx.use_eager_sharding(False):
+    model = ito.ItoModel(config.model, rngs=nnx.Rngs(0))
+  # Retrieval on the mixed set is retrieval on its captioned examples.
+  got, want = Evaluator(config, mixed, [], tok).run(model), Evaluator(config, clean, [], tok).run(model)
+  assert got.keys() == want.keys() and got
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert set(both.run(model)) > set(want)  # and zero-shot on all nine
+
+
 @pytest.mark.slow
 def test_train_from_every_kind_and_a_salted_source(converted, tmp_path):
   """The trainer on all three converted kinds plus the salted folder, mixed;

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from ito_jax.data import augment, bad_records, records, sources, synthetic
-from ito_jax.data.tokenizer import Tokenizer
+from ito_jax.data.tokenizer import PAD_ID, Tokenizer
 
 TOKENIZER_SAMPLE = 100_000  # records per source read for tokenizer training
 
@@ -194,8 +194,10 @@ def eval_arrays(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: 
   Reads config.data.eval_source when set, else `split` of ito_shapes. Bad
   records are skipped and logged (a mostly broken set is an error). Returns
   images float32 [E, H, W, 3] in [-1, 1] (full frame resized), tokens int32
-  [E, C, L] (the first C captions, C the fewest any example has; C = 0 for a
-  set without captions), labels int32 [E] (-1: none), ids str [E].
+  [E, C, L] (the first C captions, C the fewest any captioned example has;
+  C = 0 for a set without captions; all padding on rows without captions),
+  captioned bool [E] (the rows retrieval uses), labels int32 [E] (-1: none),
+  ids str [E]. A labelled example without captions still counts for zero-shot.
   """
   source = eval_source(config, split, data_dir)
   limits = records.Limits.from_config(config.data)
@@ -221,12 +223,21 @@ def eval_arrays(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: 
   size, length = config.model.image.image_size, config.model.text.context_length
   images = np.stack([augment.to_unit_range(augment.resize(e.image, size))
                      for e in examples])  # [E, H, W, 3]
-  num_captions = min(len(e.captions) for e in examples)
-  if num_captions < max(len(e.captions) for e in examples):
+  captioned = np.array([len(e.captions) > 0 for e in examples])  # [E]
+  counts = [len(e.captions) for e in examples if e.captions]
+  num_captions = min(counts, default=0)
+  if 0 < len(counts) < len(examples):
+    logging.warning('evaluation set %s: %d of %d examples have no caption; retrieval uses the '
+                    '%d that have', source.name, len(examples) - len(counts), len(examples),
+                    len(counts))
+  if num_captions < max(counts, default=0):
     logging.warning('evaluation set %s: examples have %d to %d captions; using the first %d',
-                    source.name, num_captions, max(len(e.captions) for e in examples), num_captions)
-  tokens = tokenizer.encode_batch([c for e in examples for c in e.captions[:num_captions]], length)
-  tokens = tokens.reshape(len(examples), num_captions, length)  # [E, C, L]
-  return {'images': images, 'tokens': tokens,
+                    source.name, num_captions, max(counts), num_captions)
+  tokens = np.full((len(examples), num_captions, length), PAD_ID, np.int32)  # [E, C, L]
+  if num_captions:
+    tokens[captioned] = tokenizer.encode_batch(
+        [c for e in examples if e.captions for c in e.captions[:num_captions]],
+        length).reshape(len(counts), num_captions, length)
+  return {'images': images, 'tokens': tokens, 'captioned': captioned,
           'labels': np.array([e.label for e in examples], np.int32),
           'ids': np.array([e.id for e in examples])}

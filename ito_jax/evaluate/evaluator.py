@@ -38,8 +38,10 @@ class Evaluator:
   """Evaluator(config, eval_data, class_names, tokenizer).run(model) -> {name: value}.
 
   Zero-shot needs class names and a label on every example; retrieval and the
-  gap need captions (eval_data tokens [E, C, L] with C >= 1). An evaluation set
-  (a converted source) may have either; what it lacks is not reported.
+  gap need captions (eval_data tokens [E, C, L] with C >= 1) and run on the
+  examples that have them (eval_data "captioned" [E], default all). An
+  evaluation set (a converted source) may have either; what it lacks is not
+  reported.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, eval_data: dict, class_names, tokenizer):
@@ -47,11 +49,15 @@ class Evaluator:
     self.data = eval_data
     names = list(class_names)
     self.zeroshot = bool(names) and bool((eval_data["labels"] >= 0).all())
-    self.retrieval = eval_data["tokens"].shape[1] > 0
+    captioned = np.asarray(eval_data.get("captioned", np.ones(len(eval_data["tokens"]), bool)))
+    # Rows of the examples with captions: retrieval's images and queries.
+    self.retrieval_rows = (np.flatnonzero(captioned) if eval_data["tokens"].shape[1] > 0
+                           else np.zeros(0, np.int64))  # [R]
+    self.retrieval = len(self.retrieval_rows) > 0
     if not (self.zeroshot or self.retrieval):
       raise ValueError("evaluation set has neither class names with labels nor captions")
     if self.retrieval:  # before training, not at its first evaluation
-      retrieval.check_gallery(config.eval.retrieval_gallery, len(eval_data["tokens"]))
+      retrieval.check_gallery(config.eval.retrieval_gallery, len(self.retrieval_rows))
     prompts = [t.format(n) for n in names for t in config.eval.templates]
     self.prompt_tokens = tokenizer.encode_batch(prompts, config.model.text.context_length)
     self.num_classes, self.num_templates = len(names), len(config.eval.templates)
@@ -59,13 +65,13 @@ class Evaluator:
   def embed(self, model) -> dict:
     bs = self.config.eval.batch_size
     images = self.data["images"]  # [E, H, W, 3]
-    captions = self.data["tokens"]  # [E, C, L]
-    e, c, length = captions.shape
+    captions = self.data["tokens"][self.retrieval_rows]  # [R, C, L]
+    r, c, length = captions.shape
     image_emb = embed_in_batches(_embed_images, model, images, bs)
     out = dict(image=image_emb)
     if self.retrieval:
-      caption_emb = embed_in_batches(_embed_texts, model, captions.reshape(e * c, length), bs)
-      out["caption"] = caption_emb.reshape(e, c, -1)
+      caption_emb = embed_in_batches(_embed_texts, model, captions.reshape(r * c, length), bs)
+      out["caption"] = caption_emb.reshape(r, c, -1)  # [R, C, D], row i: image retrieval_rows[i]
     if self.zeroshot:
       prompt_emb = embed_in_batches(_embed_texts, model, self.prompt_tokens, bs)
       out["prompt"] = prompt_emb.reshape(self.num_classes, self.num_templates, -1)
@@ -77,19 +83,22 @@ class Evaluator:
     if self.zeroshot:
       metrics.update(zeroshot.accuracy(emb["image"], zeroshot.class_embeddings(emb["prompt"]),
                                        self.data["labels"]))
+    rows = self.retrieval_rows
     if self.retrieval:
-      metrics.update(retrieval.recall_at_k(emb["image"], emb["caption"],
+      metrics.update(retrieval.recall_at_k(emb["image"][rows], emb["caption"],
                                            gallery=self.config.eval.retrieval_gallery))
-      metrics.update(gap.gap_metrics(emb["image"], emb["caption"][:, 0]))
+      metrics.update(gap.gap_metrics(emb["image"][rows], emb["caption"][:, 0]))
     unseen = tuple(self.config.partial.unseen_classes) if "partial" in self.config else ()
     if unseen and self.zeroshot:  # generalised zero-shot: seen and unseen classes apart
       metrics.update(zeroshot.accuracy_by_group(
           emb["image"], zeroshot.class_embeddings(emb["prompt"]), self.data["labels"], unseen))
     if unseen and self.zeroshot and self.retrieval:  # labels valid on every example
-      metrics.update(retrieval.recall_by_group(emb["image"], emb["caption"], self.data["labels"], unseen,
+      metrics.update(retrieval.recall_by_group(emb["image"][rows], emb["caption"],
+                                               self.data["labels"][rows], unseen,
                                                gallery=self.config.eval.retrieval_gallery))
     if "partial" in self.config and self.config.partial.enabled and self.zeroshot and self.retrieval:
       from configs import common  # pylint: disable=g-import-not-at-top
       metrics.update(transport.plan_class_purity(
-          emb["image"], emb["caption"][:, 0], self.data["labels"], common.ot_solver_config(self.config)))
+          emb["image"][rows], emb["caption"][:, 0], self.data["labels"][rows],
+          common.ot_solver_config(self.config)))
     return metrics
