@@ -92,6 +92,12 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
   return [] if saved == current else [f"{prefix[:-1]} (checkpoint {saved!r}, now {current!r})"]
 
 
+# Config fields that change the structure of the saved data position: worker
+# processes (mp_prefetch keeps one state per worker), the source mixture, and
+# partial mode's three zipped streams. Under a change the stream restarts.
+DATA_LAYOUT_FIELDS = ("data.num_workers", "data.sources", "partial.enabled")
+
+
 # =============================================================================
 # The manager
 # =============================================================================
@@ -175,15 +181,29 @@ class Checkpointer:
     items = {"state": ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
     if data_iter is not None:
-      if meta["process_count"] == jax.process_count():
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-      else:
+      layout = self._data_layout_changes(step)
+      if meta["process_count"] != jax.process_count():
         logging.warning(
             "checkpoint step %d was written by %d processes, this run has %d: the model and "
             "optimizer resume, the data stream restarts from its seed.",
             step, meta["process_count"], jax.process_count())
+      elif layout:
+        logging.warning(
+            "checkpoint step %d saved its data position for another pipeline (%s): the model "
+            "and optimizer resume, the data stream restarts from its seed.", step, "; ".join(layout))
+      else:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return from_tree(abstract_state, restored["state"]), step
+
+  def _data_layout_changes(self, step: int) -> list[str]:
+    """Config changes (config_differences entries) under which the saved data
+    position cannot be restored: its structure follows the pipeline's shape."""
+    if self.config is None:
+      return []
+    changed = config_differences(self.read_json(step, "config"), config_to_json(self.config))
+    return [c for c in changed
+            if any(c == f or c.startswith((f + " ", f + ".")) for f in DATA_LAYOUT_FIELDS)]
 
   def _check_fits(self, step: int, target: dict) -> None:
     """Refuses (naming arrays and config fields) a checkpoint whose arrays do

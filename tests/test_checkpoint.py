@@ -18,14 +18,17 @@ between steps (background checkpoint writes go on) or inside a save.
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import tiny_run
+from ito_jax import checkpoint
 
 pytestmark = pytest.mark.slow
 STEP_DELAY = "0.1"  # seconds per step in interrupted runs, so kills land mid-run
@@ -181,3 +184,38 @@ def test_restore_onto_a_different_mesh(tiny_reference_run):
   assert fsdp["kernel_spec"] == fsdp["adam_mu_spec"] == "P('fsdp', None)"
   assert fsdp["split_arrays"] > 50, fsdp  # most kernels and their moments are split in two
   assert data["split_arrays"] == 0 and data["kernel_spec"] == "P('fsdp', None)"
+
+
+def test_resume_with_grain_workers_restarts_the_data_stream_instead_of_crashing(tiny_reference_run):
+  """The reference run saved the in-process pipeline's position; with
+  data.num_workers = 1 the iterator's state has another structure (one per
+  worker), which grain cannot take. The model and optimizer resume, the data
+  stream restarts from its seed, and a warning names the field."""
+  from absl import logging as absl_logging
+  from ito_jax import sharding, train
+  from ito_jax.data import pipeline
+
+  ref = tiny_reference_run
+  config = tiny_run.config(ref["data_dir"])
+  config.data.num_workers = 1
+  mesh = sharding.make_mesh(config)
+  _, abstract = train.abstract_model_and_optimizer(config, mesh)
+  _, tokenizer = train.prepare_inputs(config, ref["workdir"])
+  data = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
+  warnings = []
+  handler = logging.Handler()
+  handler.emit = lambda record: warnings.append(record.getMessage())
+  absl_logging.get_absl_logger().addHandler(handler)
+  try:
+    _, step = checkpoint.Checkpointer(ref["workdir"], config, read_only=True).restore(abstract, data)
+  finally:
+    absl_logging.get_absl_logger().removeHandler(handler)
+  assert step == tiny_run.TOTAL_STEPS
+  assert any("data.num_workers (checkpoint 0, now 1)" in w and "restarts from its seed" in w
+             for w in warnings), warnings
+  fresh = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
+  first, expected = next(data), next(fresh)
+  assert all(np.array_equal(first[k], expected[k]) for k in ("images", "tokens"))
+  for it in (data, fresh):
+    if hasattr(it, "close"):
+      it.close()
