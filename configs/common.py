@@ -336,6 +336,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
   _require(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}")
+  _require(0 <= o.end_learning_rate_factor <= 1, "optim.end_learning_rate_factor",
+           f"must be in [0, 1] (below 0 the schedule ends in gradient ascent), got "
+           f"{o.end_learning_rate_factor}")
+  for field in ("b1", "b2"):
+    _require(0 <= o[field] < 1, f"optim.{field}", f"must be in [0, 1), got {o[field]}")
+  _require(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
 
   d = c.data
   _require(d.dataset == "ito_shapes", "data.dataset", f"unknown data set {d.dataset!r}")
@@ -344,6 +350,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   lo, hi = d.crop_scale
   _require(0 < lo <= hi <= 1, "data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
   _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+  _require(0 <= d.word_dropout < 1, "data.word_dropout",
+           f"must be in [0, 1) (the rate at which words are dropped), got {d.word_dropout}")
   for i, entry in enumerate(d.sources):
     ok = isinstance(entry, str) or (
         isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
@@ -358,6 +366,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
              f"must be a positive integer, got {d[field]!r}")
   _validate_ot_and_partial(c, num_devices, num_processes)
   _require(c.eval.split in ("validation", "test"), "eval.split", f"expected validation|test, got {c.eval.split!r}")
+  _require(isinstance(c.eval.batch_size, int) and c.eval.batch_size > 0, "eval.batch_size",
+           f"must be a positive integer, got {c.eval.batch_size!r}")
   _require(isinstance(c.eval.retrieval_gallery, int) and c.eval.retrieval_gallery >= 0,
            "eval.retrieval_gallery", f"must be a non-negative integer, got {c.eval.retrieval_gallery!r}")
   gallery = c.eval.retrieval_gallery

@@ -1,6 +1,7 @@
 """Invalid settings fail before anything is built or compiled, naming the field."""
 
 import os
+import re
 
 import pytest
 
@@ -24,6 +25,12 @@ def tiny():
     ("loss.num_image_views", 0, "config.loss.num_image_views"),
     ("loss.itm_weight", 1.0, "config.loss.itm_weight: is non-zero but model.fusion.enabled is False"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate"),
+    ("optim.end_learning_rate_factor", -0.5, "config.optim.end_learning_rate_factor: must be in [0, 1]"),
+    ("optim.b1", 1.5, "config.optim.b1: must be in [0, 1)"),
+    ("optim.b2", 1.0, "config.optim.b2: must be in [0, 1)"),
+    ("optim.eps", -1.0, "config.optim.eps: must be positive"),
+    ("data.word_dropout", 1.5, "config.data.word_dropout: must be in [0, 1)"),
+    ("eval.batch_size", 0, "config.eval.batch_size: must be a positive integer"),
     ("eval.templates", ("no placeholder",), "config.eval.templates"),
     ("eval.embeddings_limit", -1, "config.eval.embeddings_limit: must be a non-negative integer"),
     ("checkpoint_every_steps", 0, "config.checkpoint_every_steps: must be a positive integer"),
@@ -36,7 +43,7 @@ def test_invalid_field_fails_before_anything_is_built(tmp_path, field, value, ma
   for part in filter(None, section.split(".")):
     target = target[part]
   target[name] = value
-  with pytest.raises(common.ConfigError, match=match.replace("(", r"\(")):
+  with pytest.raises(common.ConfigError, match=re.escape(match)):
     train.train_and_evaluate(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w"), "nothing may be written before validation"
 
