@@ -148,7 +148,13 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   tok_path = os.path.join(workdir, "tokenizer.model")
   if epath.Path(tok_path).exists():
-    return data_dir, tokenizer_lib.Tokenizer.load(tok_path)
+    tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
+    if tokenizer.vocab_size > config.model.text.vocab_size:  # ids past the table embed as NaN
+      raise common.ConfigError(
+          f"config.model.text.vocab_size: {config.model.text.vocab_size} is smaller than the "
+          f"{tokenizer.vocab_size} pieces of the tokenizer this workdir already holds "
+          f"({tok_path}); use the vocab_size it was trained with, or a new --workdir")
+    return data_dir, tokenizer
   return data_dir, tokenizer_lib.train_tokenizer(
       pipeline.tokenizer_texts(config, data_dir), tok_path, config.model.text.vocab_size)
 
@@ -176,6 +182,29 @@ def tally_counts(tally: dict | None, metrics: dict) -> dict:
   no host sync per step."""
   step = {k: metrics[k] for k in SUMMED_METRICS + MAXED_METRICS if k in metrics}
   return step if tally is None or not step else _tally(tally, step)
+
+
+class Throughput:
+  """Training speed over the steps since the last log line, with time spent
+  outside training (evaluation) left out of the clock."""
+
+  def __init__(self, clock=time.perf_counter):
+    self.clock = clock
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps = self.clock(), 0
+
+  def step(self) -> None:
+    self.steps += 1
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (spent on something other than training) out."""
+    self.start += seconds
+
+  def rates(self, batch_size: int) -> dict:
+    elapsed = max(self.clock() - self.start, 1e-9)
+    return {"examples_per_sec": self.steps * batch_size / elapsed, "steps_per_sec": self.steps / elapsed}
 
 
 def check_progress(metrics: dict, step: int, steps_since_log: int) -> None:
@@ -211,10 +240,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   common.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  latest = ckpt.latest_step()
+  if latest is not None and latest > config.total_steps:  # would export it labelled total_steps
+    ckpt.close()
+    raise common.ConfigError(
+        f"config.total_steps: {config.total_steps} is below step {latest} of the latest "
+        f"checkpoint in {ckpt.directory}; raise total_steps to at least {latest}, or use a new "
+        f"--workdir (`python -m ito_jax.main export` exports that checkpoint as it is)")
+  data_dir, tokenizer = prepare_inputs(config, workdir)  # refuses a tokenizer that does not fit
+  if jax.process_index() == 0:  # after both refusals, so a refused run leaves the workdir's config
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-  data_dir, tokenizer = prepare_inputs(config, workdir)
   train_iter = iter(pipeline.train_dataset(
       config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
       data_dir=data_dir))
@@ -222,8 +258,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config, pipeline.eval_arrays(config, tokenizer, config.eval.split, data_dir=data_dir),
       pipeline.class_names(config, data_dir), tokenizer)
 
-  ckpt = checkpoint.Checkpointer(workdir, config)
-  if ckpt.latest_step() is None:
+  if latest is None:
     model, optimizer = create_model_and_optimizer(config, mesh)
     graphdef, state = nnx.split((model, optimizer))
     start_step = 0
@@ -239,7 +274,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.warning("resuming from checkpoint step %d in %s", start_step, ckpt.directory)
 
   eval_metrics: dict = {}
-  t_last, steps_since_log = time.perf_counter(), 0
+  speed = Throughput()
   bar = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
              dynamic_ncols=True, disable=jax.process_index() != 0)
   tally = None  # the counted metrics since the last log line, on device
@@ -247,24 +282,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batch = sharding.put_batch(next(train_iter), mesh)
     state, metrics = train_step(state, batch)
     tally = tally_counts(tally, metrics)
-    steps_since_log += 1
+    speed.step()
     bar.update(1)
     if step % config.log_every_steps == 0 or step == config.total_steps:
       metrics = jax.device_get({**metrics, **tally})  # the loop's only host sync between evals
       tally = None
-      check_progress(metrics, step, steps_since_log)
-      elapsed = time.perf_counter() - t_last
-      metrics["examples_per_sec"] = steps_since_log * config.batch_size / elapsed
-      metrics["steps_per_sec"] = steps_since_log / elapsed
+      check_progress(metrics, step, speed.steps)
+      metrics.update(speed.rates(config.batch_size))
       metrics.update(pipeline.data_metrics(train_iter))  # bad records skipped, by kind
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-      t_last, steps_since_log = time.perf_counter(), 0
+      speed.restart()
     if step % config.eval_every_steps == 0 or step == config.total_steps:
+      t_eval = time.perf_counter()
       nnx.update((model, optimizer), state)
       eval_metrics = evaluator.run(model)
       writer.write(step, eval_metrics)
-      t_last = time.perf_counter()  # evaluation time is not training throughput
+      speed.exclude(time.perf_counter() - t_eval)  # evaluation time is not training throughput
     ckpt.maybe_save(step, state, train_iter, mesh)
     if preemption.reached(step, ckpt):
       ckpt.save(step, state, train_iter, mesh)  # no-op when this step was just saved

@@ -20,6 +20,7 @@ between steps (background checkpoint writes go on) or inside a save.
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,3 +220,22 @@ def test_resume_with_grain_workers_restarts_the_data_stream_instead_of_crashing(
   for it in (data, fresh):
     if hasattr(it, "close"):
       it.close()
+
+
+def test_total_steps_below_the_latest_checkpoint_is_refused(tiny_reference_run, tmp_path):
+  """Otherwise the run trains nothing and exports the later checkpoint's
+  model labelled with the smaller total_steps. The refusal leaves the
+  workdir's config.json as it was."""
+  from configs import common
+  from ito_jax import train
+
+  ref = tiny_reference_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref["workdir"], workdir)
+  before = open(os.path.join(workdir, "config.json")).read()
+  config = tiny_run.config(ref["data_dir"])
+  config.total_steps = tiny_run.TOTAL_STEPS // 2
+  with pytest.raises(common.ConfigError, match=f"config.total_steps: {config.total_steps} is below "
+                     f"step {tiny_run.TOTAL_STEPS} of the latest checkpoint"):
+    train.train_and_evaluate(config, workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == before

@@ -175,3 +175,40 @@ def test_a_run_whose_loss_is_always_nan_stops_at_its_first_log_line(tmp_path, mo
   c.eval.batch_size = 64
   with pytest.raises(FloatingPointError, match=r"steps 1-3: every step"):
     train.train_and_evaluate(c, str(tmp_path))
+
+
+# ------------------------------------------------- throughput and refused resumes
+def test_throughput_leaves_evaluation_time_out():
+  """Two steps, a 10-second evaluation, two more steps, 6 seconds of training
+  in all: 4 steps / 6 s, not 4 steps over the 2 s since the evaluation."""
+  now = [0.0]
+  speed = train.Throughput(clock=lambda: now[0])
+  for _ in range(2):
+    now[0] += 1.0
+    speed.step()
+  now[0] += 10.0
+  speed.exclude(10.0)
+  for _ in range(2):
+    now[0] += 2.0
+    speed.step()
+  rates = speed.rates(batch_size=8)
+  assert rates["steps_per_sec"] == pytest.approx(4 / 6)
+  assert rates["examples_per_sec"] == pytest.approx(32 / 6)
+  speed.restart()
+  assert speed.steps == 0
+
+
+def test_a_workdir_tokenizer_larger_than_the_vocab_is_refused(tmp_path):
+  """Ids past the embedding table would embed as NaN and the run would stop
+  blaming the learning rate; the reused tokenizer is checked instead."""
+  from ito_jax.data import tokenizer as tokenizer_lib
+  texts = [f"a {c} {s} on the {p}" for c in ("red", "green", "blue", "amber", "violet")
+           for s in ("circle", "square", "triangle", "diamond") for p in ("left", "right", "top")]
+  tok = tokenizer_lib.train_tokenizer(texts, str(tmp_path / "tokenizer.model"), vocab_size=64)
+  config = tiny_cpu.get_config()
+  config.model.text.vocab_size = tok.vocab_size - 1
+  with pytest.raises(common.ConfigError, match=f"config.model.text.vocab_size: {tok.vocab_size - 1} "
+                     f"is smaller than the {tok.vocab_size} pieces"):
+    train.prepare_inputs(config, str(tmp_path))
+  config.model.text.vocab_size = tok.vocab_size
+  assert train.prepare_inputs(config, str(tmp_path))[1].vocab_size == tok.vocab_size
