@@ -121,6 +121,11 @@ def test_embeddings_limit_zero_keeps_the_whole_split():
   assert first["image"].shape == (3, config.model.embed_dim)
   np.testing.assert_allclose(first["image"], every["image"][:3], atol=1e-6)
   np.testing.assert_allclose(first["text"], every["text"][:3], atol=1e-6)
+  # Examples without a caption (eval_arrays' "captioned" False) have no pair: left out.
+  captioned = np.array([True, False, True, True, False, True, True])
+  pairs = embeddings.compute(model, {**data, "captioned": captioned}, batch_size=4, limit=3)
+  np.testing.assert_array_equal(pairs["labels"], [0, 2, 3])
+  np.testing.assert_allclose(pairs["image"], every["image"][[0, 2, 3]], atol=1e-6)
 
 
 def test_embeddings_load_names_what_is_wrong(tmp_path):

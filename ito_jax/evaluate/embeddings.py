@@ -21,14 +21,17 @@ KEYS = ("image", "text", "labels")
 
 
 def compute(model, eval_data: dict, batch_size: int, limit: int) -> dict[str, np.ndarray]:
-  """Embeds the first `limit` eval images and their first captions (0: all).
+  """Embeds the first `limit` captioned eval images and their first captions
+  (0: all of them); examples without a caption have no pair and are left out.
 
-  eval_data: `pipeline.eval_arrays` output (images [E, H, W, 3], tokens [E, C, L], labels [E])."""
-  n = len(eval_data["images"]) if limit == 0 else min(limit, len(eval_data["images"]))
+  eval_data: `pipeline.eval_arrays` output (images [E, H, W, 3], tokens [E, C, L],
+  labels [E], optionally captioned [E])."""
+  rows = np.flatnonzero(eval_data.get("captioned", np.ones(len(eval_data["images"]), bool)))
+  rows = rows if limit == 0 else rows[:limit]  # [n]
   return {
-      "image": embed_in_batches(_embed_images, model, eval_data["images"][:n], batch_size),
-      "text": embed_in_batches(_embed_texts, model, eval_data["tokens"][:n, 0], batch_size),
-      "labels": np.asarray(eval_data["labels"][:n], np.int32),
+      "image": embed_in_batches(_embed_images, model, eval_data["images"][rows], batch_size),
+      "text": embed_in_batches(_embed_texts, model, eval_data["tokens"][rows, 0], batch_size),
+      "labels": np.asarray(eval_data["labels"][rows], np.int32),
   }
 
 
