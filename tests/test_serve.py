@@ -72,6 +72,7 @@ def test_batching_and_padding_do_not_change_embeddings(embedder):
     (["fine", "   "], "texts[1] is empty"),
     ("a string", "list of strings"),
     ([3], "texts[0]: expected a string"),
+    (["ok", "a \ud800 b"], "texts[1] is not valid Unicode: a lone surrogate"),
 ])
 def test_bad_texts_are_refused(embedder, bad, message):
   with pytest.raises(serve.InputError, match=message.replace("[", r"\[").replace("]", r"\]")):

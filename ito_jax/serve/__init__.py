@@ -62,6 +62,24 @@ class ZeroShotClassifier:
     return [self.classnames[i] for i in np.argmax(self.logits(images), axis=-1)]
 
 
+def check_texts(texts: Sequence[str]) -> None:
+  """Raises InputError naming the first text that is not a non-empty string
+  of valid Unicode (a lone surrogate, which JSON escapes can spell, would
+  reach the tokenizer as an opaque error)."""
+  if isinstance(texts, str):
+    raise InputError("texts must be a list of strings, not one string")
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise InputError(f"texts[{i}]: expected a string, got {type(text).__name__}")
+    if not text.strip():
+      raise InputError(f"texts[{i}] is empty")
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise InputError(f"texts[{i}] is not valid Unicode: a lone surrogate "
+                       f"{text[e.start]!r} at character {e.start}") from None
+
+
 class Embedder:
   """An exported dual encoder on the default device (see the module docstring)."""
 
@@ -125,13 +143,7 @@ class Embedder:
     raise InputError(f"{name}: unsupported dtype {array.dtype}; use uint8 or float")
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-    if isinstance(texts, str):
-      raise InputError("texts must be a list of strings, not one string")
-    for i, text in enumerate(texts):
-      if not isinstance(text, str):
-        raise InputError(f"texts[{i}]: expected a string, got {type(text).__name__}")
-      if not text.strip():
-        raise InputError(f"texts[{i}] is empty")
+    check_texts(texts)
     return self.tokenizer.encode_batch(list(texts), self.context_length)  # [n, L]
 
   # ---- model calls on already-preprocessed batches ---------------------------

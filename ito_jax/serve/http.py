@@ -162,15 +162,11 @@ def _items(body: dict, field: str, limits: Limits) -> list:
 
 def parse_texts(body, embedder: serve.Embedder, limits: Limits) -> np.ndarray:
   texts = _items(body, "texts", limits)
+  try:
+    serve.check_texts(texts)
+  except serve.InputError as e:
+    raise RequestError(HTTPStatus.BAD_REQUEST, str(e)) from None
   for i, text in enumerate(texts):
-    if not text.strip():
-      raise RequestError(HTTPStatus.BAD_REQUEST, f"texts[{i}] is empty")
-    try:
-      text.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON escapes can spell a lone surrogate (\ud800)
-      raise RequestError(HTTPStatus.BAD_REQUEST,
-                         f"texts[{i}] is not valid Unicode: a lone surrogate "
-                         f"{text[e.start]!r} at character {e.start}") from None
     if len(text) > limits.max_text_chars:
       raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                          f"texts[{i}] has {len(text)} characters; the limit is {limits.max_text_chars}")
