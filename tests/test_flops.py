@@ -115,3 +115,25 @@ def test_donate_switch():
   old = jax.tree.leaves(step.state)[0]
   step.run(1)
   assert not old.is_deleted()
+
+
+def test_partial_mode_counts_the_unaligned_towers():
+  """R_ot's unaligned batches go through both towers every step: per aligned
+  example, U·V/B images and texts more, and XLA's count agrees."""
+  c = tiny(96)
+  aligned = sum(flops.forward_flops_per_example(c).values())
+  c.partial.enabled = True
+  c.partial.unaligned_batch_size, c.partial.unaligned_views = 16, 1
+  c.loss.ot_weight = 1.0
+  parts = flops.forward_flops_per_example(c)
+  patches, width = 16, 96
+  one_image = (2 * patches * 8 * 8 * 3 * width + flops.encoder_forward_flops(patches, width, 2, 4 * width))
+  one_text = flops.encoder_forward_flops(16, width, 2, 4 * width)
+  assert parts["unaligned_towers"] == pytest.approx(16 / 8 * (one_image + one_text + 2 * 32 * 2 * width))
+  model, _ = train.create_model_and_optimizer(c, sharding.make_mesh(c))
+  graphdef, state = nnx.split(model)
+  batch = bench.random_batch(c)
+  loss = lambda s, b: objective.compute_loss(nnx.merge(graphdef, s), b, c)[0]
+  fwd_xla = jax.jit(loss).lower(state, batch).compile().cost_analysis()["flops"]
+  assert fwd_xla / (sum(parts.values()) * c.batch_size) == pytest.approx(1.0, abs=0.05)
+  assert fwd_xla / (aligned * c.batch_size) > 2.5  # what leaving them out got wrong
