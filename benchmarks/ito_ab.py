@@ -40,10 +40,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def start(flags: str, overrides: list[str], args) -> subprocess.Popen:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen=true "
-                      f"intra_op_parallelism_threads={args.threads}").strip()
+  env["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=true".strip()
   cmd = [sys.executable, os.path.join(REPO, "benchmarks/openclip_side_by_side.py"), "--worker=ito_jax",
-         f"--batch_size={args.batch_size}", f"--warmup={args.warmup}"]
+         f"--batch_size={args.batch_size}", f"--warmup={args.warmup}",
+         f"--threads={args.threads}"]  # the worker pins itself to that many cores
   cmd += [f"--ito_override={o}" for o in overrides]
   proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
   for line in proc.stdout:

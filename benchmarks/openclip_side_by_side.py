@@ -47,8 +47,22 @@ def _serve(run_steps) -> None:
     print(json.dumps(run_steps(n)), flush=True)
 
 
+def pin_to_cores(threads: int) -> list[int]:
+  """Limits this process to its first `threads` allowed cores, before jax or
+  torch starts a thread pool. XLA:CPU has no flag for its intra-op pool size
+  (it sizes it from the cores it may use), so affinity is what holds both
+  frameworks to the same count. Returns the cores kept."""
+  allowed = sorted(os.sched_getaffinity(0))
+  if threads > len(allowed):
+    raise SystemExit(f"--threads={threads}: this process may use only {len(allowed)} cores {allowed}")
+  keep = allowed[:threads]
+  os.sched_setaffinity(0, keep)
+  return keep
+
+
 def worker_ito_jax(args) -> None:
-  # Thread count: XLA's CPU intra-op pool is set through XLA_FLAGS by the driver.
+  cores = pin_to_cores(args.threads)  # before jax sizes its thread pool
+  print(f"INFO cores={cores}", flush=True)
   sys.path.insert(0, REPO)
   import jax  # noqa: F401
   from configs import bench_s
@@ -104,6 +118,7 @@ def _import_openclip_model():
 
 
 def worker_openclip(args) -> None:
+  pin_to_cores(args.threads)
   import numpy as np
   import torch
   torch.set_num_threads(args.threads)
@@ -206,8 +221,7 @@ class Worker:
 
 def driver(args) -> None:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}").strip()
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true").strip()
   for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     env[var] = str(args.threads)
   env["JAX_PLATFORMS"] = "cpu"
