@@ -3,7 +3,11 @@
 * TPU pods and GPU clusters (Slurm, Open MPI, or a launcher that sets
   JAX_COORDINATOR_ADDRESS): `jax.distributed.initialize()` finds the
   coordinator, process count and id itself; mode 'auto' calls it when the
-  environment shows more than one process, mode 'on' always.
+  environment variables show more than one process, mode 'on' always. A
+  Cloud TPU VM slice lists its workers only in the metadata server, which
+  'auto' does not query: launch/tpu_pod.sh passes 'on'. A Slurm batch script
+  (sbatch, outside srun) is one process whatever SLURM_NTASKS says; only an
+  srun step (SLURM_STEP_NODELIST set, as JAX's own Slurm detection needs) counts.
 * CPU clusters (and anything else): pass the coordinator address, process
   count and this process's id explicitly; collectives between CPU processes
   go through gloo.
@@ -36,7 +40,9 @@ def multi_process_environment() -> str | None:
     return "JAX_COORDINATOR_ADDRESS"
   if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "Cloud TPU (multi-host)"
-  if max(_int_env("SLURM_NTASKS"), _int_env("SLURM_STEP_NUM_TASKS")) > 1 and "SLURM_PROCID" in os.environ:
+  slurm_step = all(v in os.environ for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID",
+                                              "SLURM_LOCALID"))
+  if slurm_step and max(_int_env("SLURM_NTASKS"), _int_env("SLURM_STEP_NUM_TASKS")) > 1:
     return "Slurm"
   if _int_env("OMPI_COMM_WORLD_SIZE") > 1:
     return "Open MPI"
@@ -64,7 +70,15 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
-  if mode == "on" or multi_process_environment():
-    jax.distributed.initialize()
+  launcher = multi_process_environment()
+  if mode == "on" or launcher:
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # JAX found no cluster it knows in this environment
+      raise ValueError(
+          f"--distributed={mode}: {f'{launcher} shows several processes, but ' if launcher else ''}"
+          f"jax.distributed could not find the coordinator, process count and id here ({e}). "
+          "Pass --coordinator_address, --num_processes and --process_id, or --distributed=off "
+          "for a single process") from e
     return True
   return False

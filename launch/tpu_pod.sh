@@ -6,8 +6,9 @@
 #   3. installs it on every worker (--worker=all) into ~/ito_jax_venv:
 #      requirements.txt plus jax[tpu] at the pinned jax version and gcsfs
 #      (so gs:// paths work through etils.epath);
-#   4. starts the same training command on all hosts; jax.distributed finds
-#      the pod's coordinator, process count and process id itself.
+#   4. starts the same training command on all hosts with --distributed=on;
+#      jax.distributed finds the pod's coordinator, process count and process
+#      id itself (from the TPU VM metadata server).
 #
 #   launch/tpu_pod.sh --name=ito-v5e-32 --zone=us-west4-a \
 #       --accelerator_type=v5litepod-32 --version=v2-alpha-tpuv5-lite \
@@ -109,7 +110,11 @@ note "installing on every worker of $name"
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all "--command=$install"
 
 # ---- 4. train on every host --------------------------------------------------
-args=(-m ito_jax.main "--config=$config" "--workdir=$workdir")
+# --distributed=on: on a TPU VM slice the worker list comes from the metadata
+# server, which `auto` (environment variables only) cannot see; every host,
+# one or many, joins the runtime, so a multi-host pod never trains as
+# independent single-host runs.
+args=(-m ito_jax.main --distributed=on "--config=$config" "--workdir=$workdir")
 [[ $workdir != *://* ]] || args+=("--config.data.data_dir=$data_dir")
 args+=("${extra[@]}")
 train="cd ~/ito_jax && ~/ito_jax_venv/bin/python $(quote "${args[@]}")"

@@ -150,7 +150,7 @@ def test_tpu_train_command_reaches_python_with_every_argument_intact(fakes, tmp_
   shutil.copy(os.path.join(env["PYTHON"]), home / "ito_jax_venv" / "bin" / "python")
   subprocess.run(["bash", "-c", remote], env={**env, "HOME": str(home)}, check=True, timeout=60)
   (call,) = read_log()
-  assert call["argv"] == ["-m", "ito_jax.main", "--config=configs/tiny_cpu.py",
+  assert call["argv"] == ["-m", "ito_jax.main", "--distributed=on", "--config=configs/tiny_cpu.py",
                           "--workdir=gs://bucket/runs/a", "--config.data.data_dir=/tmp/ito_jax_data",
                           *EXTRA]
 

@@ -146,7 +146,8 @@ def test_parameter_not_divisible_by_its_mesh_axis(field, value, mesh_shape, matc
 
 def test_distributed_start_up_decisions(monkeypatch):
   for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-              "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+              "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "SLURM_JOB_ID",
+              "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"):
     monkeypatch.delenv(var, raising=False)
   assert distributed.multi_process_environment() is None
   assert distributed.initialize("auto") is False  # a plain single process starts nothing
@@ -155,8 +156,35 @@ def test_distributed_start_up_decisions(monkeypatch):
     distributed.initialize("auto", "127.0.0.1:1234", None, 0)
   with pytest.raises(ValueError, match="--process_id must be in"):
     distributed.initialize("auto", "127.0.0.1:1234", 2, 2)
+  # An sbatch script with --ntasks=4 runs once, as task 0, outside any srun
+  # step: one process, which must not wait for three others.
+  for var, value in (("SLURM_JOB_ID", "123"), ("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0"),
+                     ("SLURM_LOCALID", "0")):
+    monkeypatch.setenv(var, value)
+  assert distributed.multi_process_environment() is None
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu01")  # inside `srun`: four tasks
+  assert distributed.multi_process_environment() == "Slurm"
+  for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST"):
+    monkeypatch.delenv(var)
   monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
   assert distributed.multi_process_environment() == "Open MPI"
+
+
+def test_a_launcher_jax_cannot_read_gets_an_error_that_says_what_to_pass():
+  """Open MPI 5 sets OMPI_COMM_WORLD_SIZE but not the ORTE URI JAX reads:
+  jax.distributed's bare 'coordinator_address should be defined' becomes an
+  error naming the launcher and the flags that work (in a fresh process, so
+  this one's JAX runtime is untouched)."""
+  code = ("from ito_jax import distributed\n"
+          "try:\n  distributed.initialize('auto')\nexcept ValueError as e:\n  print('ERROR', e)\n")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_"))}
+  env.update(OMPI_COMM_WORLD_SIZE="4", JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(HERE))
+  out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(HERE), env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "ERROR --distributed=auto: Open MPI shows several processes, but jax.distributed could not" \
+      in out.stdout, out.stdout
+  assert "--coordinator_address, --num_processes and --process_id" in out.stdout
 
 
 # =============================================================================
