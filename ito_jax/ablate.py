@@ -221,4 +221,8 @@ if __name__ == "__main__":
                     "partially aligned config: contrastive, loop, barycenter).")
   flags.DEFINE_list("aligned_fractions", ["0.05", "0.2"],
                     "Partially aligned configs only: the ρ values to compare.")
-  app.run(main)
+  # Run the importable module's main, not this __main__ copy's: ot_compare
+  # imports ito_jax.ablate and raises *its* Preempted, which a `except
+  # Preempted` here (another class object) would not catch.
+  from ito_jax import ablate as _module  # pylint: disable=g-import-not-at-top
+  app.run(_module.main)

@@ -3,6 +3,8 @@ tables, and `ablate` dispatching to it for a partially aligned config."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -110,3 +112,23 @@ def test_a_preempted_run_stops_the_comparison_before_any_table(tmp_path, monkeyp
   assert not (tmp_path / "ablation.json").exists() and not (tmp_path / "ablation.md").exists()
   # The minutes it trained are kept for the invocation that resumes it.
   assert json.loads((tmp_path / "rho0.2_contrastive" / "train_minutes.json").read_text())["minutes"] >= 0
+
+
+def test_python_m_ablate_exits_cleanly_when_an_ot_run_is_preempted(tmp_path):
+  """`python -m ito_jax.ablate` on a partially aligned config: ot_compare
+  raises ito_jax.ablate.Preempted, and the program must print it and exit 0
+  (a scheduler requeues on 0), not die on a Preempted of another class
+  object (the __main__ module's)."""
+  code = (
+      "import runpy, sys\n"
+      "from ito_jax import train\n"
+      "train.train_and_evaluate = lambda config, run_dir: {'step': 7, 'preempted': True}\n"
+      f"sys.argv = ['ablate', '--config=configs/ot_partial_tiny_cpu.py:runlocal', "
+      f"'--workdir={tmp_path}', '--variants=contrastive', '--aligned_fractions=0.1']\n"
+      "runpy.run_module('ito_jax.ablate', run_name='__main__', alter_sys=True)\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Preempted: " in out.stdout and "checkpoint of step 7 saved" in out.stdout, out.stdout
+  assert not (tmp_path / "ablation.md").exists()
