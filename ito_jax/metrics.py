@@ -20,6 +20,7 @@ import os
 import jax
 import numpy as np
 import tensorboardX
+from absl import logging
 from etils import epath
 from tensorboardX import record_writer
 
@@ -136,7 +137,21 @@ class MetricsWriter:
       self._summary_writer = None
     if not self.path.exists():
       return
-    kept = [line for line in self._read_lines() if json.loads(line)["step"] <= step]
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = []
+    for i, line in enumerate(lines):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        if i == len(lines) - 1 and not line.endswith("\n"):  # a kill mid-write tears the last line
+          logging.warning("%s: dropping its half-written last line %r", self.path, line[:60])
+          continue
+        raise ValueError(f"{self.path}: line {i + 1} is not a JSON record ({e}); it was not "
+                         "written by a killed run, so it is left for you to repair") from e
+      if record["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
     if self._remote:  # an object write replaces the object atomically
       self._lines = kept
       self.path.write_text("".join(kept))

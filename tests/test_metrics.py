@@ -76,6 +76,20 @@ def test_truncate_after_drops_later_lines_and_purges_them_in_tensorboard(tmp_pat
   assert starts == [11] and scalars(second) == {("loss", 20): 1.5}
 
 
+def test_a_half_written_last_line_is_dropped_on_resume_and_other_damage_is_named(tmp_path):
+  """A run killed while appending leaves a torn last line; its resume must
+  not die on it. A bad line anywhere else was not a torn write: refused."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 10, "loss": 2.5}\n{"step": 20, "loss": 2.0}\n{"step": 30, "lo')
+  with MetricsWriter(tmp_path, tensorboard=False) as resumed:
+    resumed.truncate_after(20)
+    resumed.write(30, {"loss": 1.5})
+  assert [(r["step"], r["loss"]) for r in read_jsonl(path)] == [(10, 2.5), (20, 2.0), (30, 1.5)]
+  path.write_text('{"step": 10, "loss": 2.5}\nnot json\n{"step": 20, "loss": 2.0}\n')
+  with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not a JSON record"):
+    MetricsWriter(tmp_path, tensorboard=False).truncate_after(20)
+
+
 def test_other_processes_write_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr("jax.process_index", lambda: 1)
   write_run(tmp_path / "run")
