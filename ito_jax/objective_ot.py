@@ -19,8 +19,8 @@ Measures, by mode:
 With ot.stop_gradient = "image" (or "text") that modality's measures enter
 R_ot as fixed targets: its gradient reaches only the other tower.
 
-The weight is λ_ot · [optimizer step >= ot.start_step], a traced multiplier,
-so the regularizer switches on mid-run without recompiling. With
+Before ot.start_step (optimizer steps) a traced `lax.cond` skips the term, so
+it switches on mid-run without recompiling and costs nothing before. With
 ot.debias the W_eps terms become Sinkhorn divergences (`self_transport`).
 
 Bad input never reaches the parameters as NaN: if an unaligned image or any
@@ -29,7 +29,10 @@ measures are replaced by finite stand-ins, the term's weight is zero (so its
 gradient is exactly zero), and `ot/nonfinite_points` counts the offenders. A
 non-finite R_ot (or plan contrast) value from finite points is dropped the same
 way and counted in `ot/nonfinite_value`. With ot.debias the self-transport
-solves count towards `ot/unconverged` and `ot/marginal_error` too.
+solves count towards `ot/unconverged` and `ot/marginal_error` too. One case
+is beyond this term: a finite unaligned image that overflows inside a tower
+makes the backward pass NaN at any weight (0 · inf), which
+optim.skip_nonfinite catches by skipping the step (train/nonfinite_steps).
 """
 
 from __future__ import annotations
@@ -108,8 +111,22 @@ def self_solves(xs: list[jax.Array], solver: ml_collections.ConfigDict) -> list[
 
 
 def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, step=None):
-  """Returns (λ_ot · gate · R_ot, metrics). `step`: optimizer steps taken so far
-  (a traced scalar), or None to apply the term unconditionally."""
+  """Returns (λ_ot · R_ot, metrics), or zeros before ot.start_step. `step`:
+  optimizer steps taken so far (a traced scalar), or None to apply the term
+  unconditionally.
+
+  Before ot.start_step a `lax.cond` skips the term's whole computation: the
+  unaligned batches are not encoded (no compute, and no gradient path through
+  the towers that a bad input could make NaN), and its metrics read 0."""
+  if step is None or config.ot.start_step <= 0:
+    return _ot_loss(model, batch, out, config)
+  on = lambda: _ot_loss(model, batch, out, config)
+  off = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(on))
+  return jax.lax.cond(step >= config.ot.start_step, on, off)
+
+
+def _ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
+  """ot_loss's term and metrics, the term switched on."""
   xs, bad_images = measures(model, batch, out, config)
   bad = bad_images + sum(jnp.sum(~jnp.all(jnp.isfinite(x), axis=-1)) for x in xs)
   finite = bad == 0
@@ -125,11 +142,10 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
     checked = ot_lib.convergence([plan for _, plan in solves], solver.marginal_tolerance)
     aux["unconverged"] = aux["unconverged"] + checked["unconverged"]
     aux["marginal_error"] = jnp.maximum(aux["marginal_error"], checked["marginal_error"])
-  gate = jnp.float32(1.0) if step is None else (step >= config.ot.start_step).astype(jnp.float32)
   # A non-finite value from finite points (an overflowing solve) is counted in
   # `ot/nonfinite_value` and its term dropped: zero weight, so zero gradient.
   value_ok = jnp.isfinite(value)
-  weight = config.loss.ot_weight * gate * (finite & value_ok).astype(jnp.float32)
+  weight = config.loss.ot_weight * (finite & value_ok).astype(jnp.float32)
   value = jnp.where(value_ok, value, 0.0)
   metrics = {"loss/ot": value, "ot/weight": weight, "ot/nonfinite_points": bad,
              "ot/nonfinite_value": (~value_ok).astype(jnp.int32)}
@@ -138,7 +154,7 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
     contrast, contrast_aux = plan_contrast(xs[0], xs[1], coupling, jax.lax.stop_gradient(model.logit_scale))
     contrast_ok = jnp.isfinite(contrast)
     contrast = jnp.where(contrast_ok, contrast, 0.0)
-    term = term + (config.loss.ot_plan_contrast_weight * gate
+    term = term + (config.loss.ot_plan_contrast_weight
                    * (finite & contrast_ok).astype(jnp.float32) * contrast)
     metrics["ot/nonfinite_value"] = metrics["ot/nonfinite_value"] + (~contrast_ok).astype(jnp.int32)
     metrics["loss/ot_plan_contrast"] = contrast

@@ -188,6 +188,26 @@ def test_train_step_switches_ot_on_without_recompiling(steppers):
   assert steps[1.0]._cache_size() == 1
 
 
+def test_before_start_step_the_unaligned_batches_are_not_encoded(steppers):
+  """A finite unaligned image that overflows inside the tower (3e38) makes
+  the step's gradient NaN wherever the towers run on it, even at zero
+  weight (0 · inf in the backward pass). Before ot.start_step the term is
+  skipped by a cond, so the step is the contrastive-only one, finite."""
+  _, _, state0, batch, steps = steppers
+  images = np.asarray(batch["unaligned_images"]).copy()
+  images[3] = 3e38
+  huge = dict(batch, unaligned_images=jax.device_put(images, batch["unaligned_images"].sharding))
+  s0, m0 = _run(steps[0.0], state0, huge)  # 0 updates taken < start_step = 1
+  s1, m1 = _run(steps[1.0], state0, huge)
+  assert np.isfinite(float(m1["grad_norm"])) and int(m1["train/nonfinite_steps"]) == 0
+  assert float(m1["ot/weight"]) == 0.0 and float(m1["loss/ot"]) == 0.0
+  for tower in ("image_tower", "text_tower"):
+    assert _same(_params(s0, tower), _params(s1, tower)), tower
+  # Past start_step the towers do run on it: the step is skipped and counted.
+  _, m2 = _run(steps[1.0], s1, huge)
+  assert int(m2["train/nonfinite_steps"]) == 1
+
+
 def test_nonfinite_unaligned_input_is_counted_and_adds_no_gradient(steppers):
   _, _, state0, batch, steps = steppers
   s1, _ = _run(steps[0.0], state0, batch)  # past start_step
