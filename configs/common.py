@@ -8,6 +8,8 @@ An experiment file defines `get_config(arg=None)` that starts from
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from ito_jax import sharding
@@ -400,12 +402,13 @@ def num_ot_measures(c: ml_collections.ConfigDict) -> tuple[int, int]:
 def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
   from ito_jax.data import synthetic  # lazy: the data layer is heavier than the config
 
-  _require(c.loss.ot_weight >= 0, "loss.ot_weight", f"must be >= 0, got {c.loss.ot_weight}")
-  _require(c.loss.ot_plan_contrast_weight >= 0, "loss.ot_plan_contrast_weight",
-           f"must be >= 0, got {c.loss.ot_plan_contrast_weight}")
+  for field in ("ot_weight", "ot_plan_contrast_weight"):
+    value = c.loss[field]
+    _require(0 <= value < math.inf, f"loss.{field}", f"must be finite and >= 0, got {value}")
   _require(not c.loss.ot_plan_contrast_weight or c.partial.enabled, "loss.ot_plan_contrast_weight",
            "needs partial.enabled (it pairs the unaligned batches)")
-  _require(isinstance(c.ot.start_step, int) and c.ot.start_step >= 0, "ot.start_step",
+  _require(isinstance(c.ot.start_step, int) and not isinstance(c.ot.start_step, bool)
+           and c.ot.start_step >= 0, "ot.start_step",
            f"must be a non-negative integer, got {c.ot.start_step!r}")
   for field in ("include_aligned", "debias"):
     _require(isinstance(c.ot[field], bool), f"ot.{field}", f"must be True or False, got {c.ot[field]!r}")
@@ -417,12 +420,15 @@ def _validate_ot_and_partial(c: ml_collections.ConfigDict, num_devices: int, num
   if p.enabled:
     _require(0 < p.aligned_fraction < 1, "partial.aligned_fraction",
              f"must lie in (0, 1), got {p.aligned_fraction}")
-    num_classes = len(synthetic.CLASS_NAMES)
     unseen = tuple(p.unseen_classes)
-    _require(all(isinstance(k, int) and 0 <= k < num_classes for k in unseen), "partial.unseen_classes",
-             f"must be class ids in [0, {num_classes}), got {unseen}")
+    _require(all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in unseen),
+             "partial.unseen_classes", f"must be non-negative class ids, got {unseen}")
     _require(len(set(unseen)) == len(unseen), "partial.unseen_classes", f"has repeated ids: {unseen}")
-    _require(len(unseen) < num_classes, "partial.unseen_classes", "leaves no seen class")
+    if not c.data.sources:  # ito_shapes; a converted source's labels are checked at the split
+      num_classes = len(synthetic.CLASS_NAMES)
+      _require(all(k < num_classes for k in unseen), "partial.unseen_classes",
+               f"must be class ids in [0, {num_classes}), got {unseen}")
+      _require(len(unseen) < num_classes, "partial.unseen_classes", "leaves no seen class")
     u = p.unaligned_batch_size
     _require(isinstance(u, int) and u > 0, "partial.unaligned_batch_size",
              f"must be a positive integer, got {u!r}")

@@ -221,8 +221,11 @@ def test_invalid_measures_and_unknown_fields_are_rejected():
     ot.ot_regularizer(xs[:1], ot.default_config())
   with pytest.raises(ValueError, match="measures"):
     ot.ot_regularizer([jnp.ones((4, 3)), jnp.ones((4, 2))], ot.default_config())
-  with pytest.raises(ValueError, match=r"measures\[1\]: 1 points, fewer than config\.ot\.min_points = 2"):
-    ot.ot_regularizer([jnp.ones((4, 3)), jnp.ones((1, 3))], ot.default_config())
+  few = [jnp.ones((4, 3)), jnp.ones((1, 3))]
+  for fn in (ot.ot_regularizer, ot.loop_regularizer, ot.barycenter_regularizer):  # each entry point
+    cfg = _config(variant="barycenter" if fn is ot.barycenter_regularizer else "loop")
+    with pytest.raises(ValueError, match=r"measures\[1\]: 1 points, fewer than config\.ot\.min_points = 2"):
+      fn(few, cfg)
   cfg = ot.default_config()
   cfg.epsilom = 0.1
   with pytest.raises(ValueError, match=r"config\.ot\.epsilom:"):

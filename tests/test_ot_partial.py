@@ -13,7 +13,7 @@ from flax import nnx
 from configs import common, ot_partial_tiny_cpu
 from ito_jax import bench, objective, objective_ot, sharding, train
 from ito_jax import metrics as metrics_lib
-from ito_jax.data import partial, pipeline, synthetic
+from ito_jax.data import partial, pipeline, records, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import evaluator, retrieval, transport, zeroshot
 from ito_jax.losses import ot as ot_lib
@@ -407,8 +407,12 @@ def test_evaluator_reports_seen_and_unseen_keys(built):
     ("partial.unseen_classes", (3, 99), "config.partial.unseen_classes: must be class ids in [0, 30)"),
     ("partial.unseen_classes", (3, 3), "config.partial.unseen_classes: has repeated ids"),
     ("partial.unaligned_batch_size", 0, "config.partial.unaligned_batch_size: must be a positive"),
-    ("loss.ot_weight", -1.0, "config.loss.ot_weight: must be >= 0"),
+    ("loss.ot_weight", -1.0, "config.loss.ot_weight: must be finite and >= 0"),
+    ("loss.ot_weight", float("inf"), "config.loss.ot_weight: must be finite and >= 0, got inf"),
+    ("loss.ot_plan_contrast_weight", float("inf"), "config.loss.ot_plan_contrast_weight: must be finite"),
     ("ot.start_step", -1, "config.ot.start_step: must be a non-negative integer"),
+    ("ot.start_step", True, "config.ot.start_step: must be a non-negative integer"),
+    ("partial.unseen_classes", (-1,), "config.partial.unseen_classes: must be non-negative class ids"),
     ("ot.epsilon", 0.0, "config.ot.epsilon: must be a positive number"),
     ("ot.variant", "ring", "config.ot.variant: expected one of"),
     ("ot.weights", (1.0, 1.0, 1.0), "config.ot.weights: has 3 entries for 2 measures"),
@@ -425,6 +429,33 @@ def test_invalid_partial_and_ot_fields_name_the_field(field, value, match):
   with pytest.raises(common.ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")
                      .replace("[", r"\[")):
     common.validate(c)
+
+
+def test_unseen_classes_of_a_converted_source_are_checked_against_its_labels():
+  """Class ids past ito_shapes' 30 are valid for a converted source; the
+  split checks them against the source's own labels instead."""
+  c = ot_partial_tiny_cpu.get_config()
+  c.data.sources = ("/converted/dir",)
+  c.partial.unseen_classes = (40, 75)
+  common.validate(c)  # no ito_shapes bound
+
+  class Source:
+    name = "converted"
+    rows = [records.RawRecord(id=str(i), label=lab) for i, lab in enumerate([40, 3, 3, 7] * 25)]
+
+    def __len__(self):
+      return len(self.rows)
+
+    def __getitem__(self, i):
+      return self.rows[i]
+
+  with pytest.raises(ValueError, match=r"config.partial.unseen_classes: \[75\] occur in no label of "
+                                       r"source 'converted'"):
+    partial.split_for(c, Source())
+  c.partial.unseen_classes = (40,)
+  split = partial.split_for(c, Source())
+  labels = np.array([40, 3, 3, 7] * 25)
+  assert not np.isin(labels[split.aligned], [40]).any()
 
 
 def test_partial_settings_need_partial_mode():

@@ -150,6 +150,13 @@ def _check_measures(measures: Sequence[jax.Array]) -> list[jax.Array]:
   return [jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32)) for x in measures]
 
 
+def _check_min_points(measures: Sequence[jax.Array], cfg: ml_collections.ConfigDict) -> None:
+  for k, x in enumerate(measures):
+    if x.shape[0] < cfg.min_points:
+      raise ValueError(f"measures[{k}]: {x.shape[0]} points, fewer than config.ot.min_points = "
+                       f"{cfg.min_points}")
+
+
 # ---- pairwise entropic OT -----------------------------------------------------
 
 
@@ -251,6 +258,7 @@ def loop_regularizer(measures: Sequence[jax.Array], cfg: ml_collections.ConfigDi
 def _loop(measures, cfg) -> Tuple[jax.Array, Aux, jax.Array]:
   """loop_regularizer, plus the plan of mu_0 and mu_1 under stop_gradient."""
   measures = _check_measures(measures)
+  _check_min_points(measures, cfg)
   num = len(measures)
   validate_config(cfg, num_measures=num)
   solve = lambda x, y: wasserstein(x, y, cost=cfg.cost, epsilon=cfg.epsilon,
@@ -369,6 +377,7 @@ def barycenter_regularizer(measures: Sequence[jax.Array],
 def _barycenter(measures, cfg) -> Tuple[jax.Array, Aux, jax.Array]:
   """barycenter_regularizer, plus mu_0's and mu_1's plans to nu* glued (`glue`)."""
   measures = _check_measures(measures)
+  _check_min_points(measures, cfg)
   support = free_support_barycenter(measures, cfg)
   weights = _measure_weights(cfg, len(measures))
   aux, plans = {}, []
@@ -406,10 +415,6 @@ def ot_regularizer_and_coupling(measures: Sequence[jax.Array],
   the two plans to nu* glued through it (`glue`). The partially aligned
   trainer reads it as soft pairings of unaligned images and texts."""
   validate_config(cfg, num_measures=len(measures))
-  for k, x in enumerate(measures):
-    if jnp.ndim(x) == 2 and x.shape[0] < cfg.min_points:
-      raise ValueError(f"measures[{k}]: {x.shape[0]} points, fewer than config.ot.min_points = "
-                       f"{cfg.min_points}")
   if cfg.variant == "loop":
     return _loop(measures, cfg)
   return _barycenter(measures, cfg)
