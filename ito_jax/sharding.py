@@ -93,6 +93,22 @@ def logical_rules(config: ml_collections.ConfigDict):
                for name, axes in config.logical_axis_rules)
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """`x` with its leading (batch) axis split over data x fsdp, when traced
+  under a mesh of ours (`jax.set_mesh`, as the train step is); unchanged
+  otherwise (evaluation, serving, tests without a mesh).
+
+  Why: with every mesh axis Auto, GSPMD may meet a kernel split over fsdp by
+  gathering the whole batch onto every device instead of the kernel, so fsdp
+  would copy the activations it should split (several times the temporary
+  memory of pure data parallelism). Pinning the activations between blocks
+  leaves it only the kernel to gather, which is FSDP."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

@@ -129,9 +129,26 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
     return state, metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,) if config.model.donate else ())
+  return MeshStep(jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                          out_shardings=(state_shardings, sharding.replicated(mesh)),
+                          donate_argnums=(0,) if config.model.donate else ()), mesh)
+
+
+class MeshStep:
+  """A jitted step that is traced (on its first call, or by `lower`) with its
+  mesh set, so the model's activation constraints (sharding.constrain_batch)
+  see the mesh. `jax.set_mesh` cannot be entered inside `jax.jit`."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 # =============================================================================

@@ -10,7 +10,8 @@ step:   the train step on a (data, fsdp, tensor) mesh against the same step on
         one device, same initial parameters and batches: loss of each step and
         parameters after the last, for every mesh x objective.
 memory: the compiled per-device memory of the batch-level loss terms (value
-        and gradient) at a global batch where a [B, B] float32 would dominate.
+        and gradient) at a global batch where a [B, B] float32 would dominate,
+        and of a whole train step under fsdp against data parallelism.
 """
 
 from __future__ import annotations
@@ -163,8 +164,36 @@ def check_memory(batch=4096, dim=64):
                       **figures}), flush=True)
 
 
+def check_fsdp_memory(batch=256):
+  """The compiled train step's per-device temporary memory on (8,1,1) and
+  (1,8,1): FSDP must split the activations as data parallelism does, not
+  gather the whole batch onto every device to meet a split kernel."""
+  figures = {}
+  for label, shape in (("data", (8, 1, 1)), ("fsdp", (1, 8, 1))):
+    c = common.base_config()
+    c.batch_size = batch
+    c.model.embed_dim = 64
+    c.model.image.update(image_size=32, patch_size=8, width=128, depth=2, num_heads=4)
+    c.model.text.update(vocab_size=512, context_length=24, width=128, depth=2, num_heads=4)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
+    common.validate(c, num_devices=8)
+    mesh = sharding.make_mesh(c)
+    graphdef, state = train.abstract_model_and_optimizer(c, mesh)
+    step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, c)
+    data = random_batch(c)
+    batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+                  for k, v in data.items()}
+    compiled = step.lower(state, batch_spec).compile()
+    figures[label] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  print(json.dumps({"check": "fsdp_memory", "batch": batch, "temp_mib": figures}), flush=True)
+
+
 if __name__ == "__main__":
   if jax.device_count() != 8:
     sys.exit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), got {jax.device_count()}")
   part = sys.argv[1] if len(sys.argv) > 1 else "step"
-  {"step": check_steps, "memory": check_memory}[part]()
+  if part == "memory":
+    check_memory()
+    check_fsdp_memory()
+  else:
+    check_steps()

@@ -185,7 +185,7 @@ def test_train_step_switches_ot_on_without_recompiling(steppers):
     assert np.isfinite(float(metrics["loss"]))
     weights.append(float(metrics["ot/weight"]))
   assert weights == [0.0, 1.0, 1.0]  # start_step = 1: off for the first update only
-  assert steps[1.0]._cache_size() == 1
+  assert steps[1.0].jitted._cache_size() == 1
 
 
 def test_before_start_step_the_unaligned_batches_are_not_encoded(steppers):

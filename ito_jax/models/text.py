@@ -8,9 +8,12 @@ padding mask: captions are short and no generative use needs causality.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from ito_jax.sharding import constrain_batch
 from ito_jax.models.transformer import Encoder, EncoderSpec, layer_norm, partitioned
 
 # Named text sizes (width, depth, heads), matched to the ViT sizes they pair with.
@@ -40,7 +43,13 @@ class TextTransformer(nnx.Module):
   def __call__(self, tokens):
     """tokens: [batch, length] int32 -> (pooled [batch, width], tokens [batch, length, width], mask [batch, length])."""
     mask = tokens != PAD_ID  # [batch, length]
-    x = self.embed(tokens) + self.pos_embedding[...].astype(self.embed.dtype)[: tokens.shape[1]]
+    # Look up in the whole table (vocab x width, small) so that the lookup's
+    # output, and its gradient, stay split over the batch under a mesh.
+    table = self.embed.embedding[...]
+    if not jax.sharding.get_abstract_mesh().empty:
+      table = jax.lax.with_sharding_constraint(table, P())
+    x = constrain_batch(jnp.take(table, tokens, axis=0).astype(self.embed.dtype))
+    x = x + self.pos_embedding[...].astype(self.embed.dtype)[: tokens.shape[1]]
     x = self.norm(self.encoder(x, mask))
     last = jnp.maximum(mask.sum(axis=1) - 1, 0)  # [batch] index of EOS
     pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ito_jax.sharding import constrain_batch
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -154,13 +156,16 @@ class Encoder(nnx.Module):
       self.blocks = nnx.List([Block(spec, rngs=rngs) for _ in range(spec.depth)])
 
   def __call__(self, x, mask=None):
-    """x: [batch, length, width]; mask: [batch, length] bool or None."""
+    """x: [batch, length, width]; mask: [batch, length] bool or None. Under a
+    mesh the activations stay split over the batch between blocks
+    (sharding.constrain_batch)."""
     remat = self.spec.remat
+    x = constrain_batch(x)
     if self.spec.scan:
       @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
       def body(x, block, mask):
-        return _run_block(block, x, mask, remat)
+        return constrain_batch(_run_block(block, x, mask, remat))
       return body(x, self.blocks, mask)
     for block in self.blocks:
-      x = _run_block(block, x, mask, remat)
+      x = constrain_batch(_run_block(block, x, mask, remat))
     return x
