@@ -265,7 +265,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f"config.total_steps: {config.total_steps} is below step {latest} of the latest "
         f"checkpoint in {ckpt.directory}; raise total_steps to at least {latest}, or use a new "
         f"--workdir (`python -m ito_jax.main export` exports that checkpoint as it is)")
-  data_dir, tokenizer = prepare_inputs(config, workdir)  # refuses a tokenizer that does not fit
+  try:
+    data_dir, tokenizer = prepare_inputs(config, workdir)  # refuses a tokenizer that does not fit
+  except Exception:
+    ckpt.close()  # its manager's threads, before the error goes up
+    raise
   if jax.process_index() == 0:  # after both refusals, so a refused run leaves the workdir's config
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   train_iter = iter(pipeline.train_dataset(
