@@ -85,7 +85,7 @@ def test_plan_contrast_trains_both_towers_in_the_step():
 def test_plan_contrast_needs_partial_mode_and_a_non_negative_weight():
   c = ot_partial_tiny_cpu.get_config()
   c.loss.ot_plan_contrast_weight = -1.0
-  with pytest.raises(common.ConfigError, match="config.loss.ot_plan_contrast_weight: must be >= 0"):
+  with pytest.raises(common.ConfigError, match="config.loss.ot_plan_contrast_weight: must be finite and >= 0"):
     common.validate(c)
   c = common.base_config()
   c.loss.ot_plan_contrast_weight = 1.0
