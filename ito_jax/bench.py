@@ -29,7 +29,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from configs import common
+from configs import common, ot_sections
 from ito_jax import flops, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -190,7 +190,7 @@ def benchmark_regularizer(config: ml_collections.ConfigDict, batch_size: int, va
   text embeddings) of [batch_size, embed_dim] unit vectors: what the step adds."""
   from ito_jax.losses import ot  # pylint: disable=g-import-not-at-top
 
-  cfg = common.ot_solver_config(config)
+  cfg = ot_sections.ot_solver_config(config)
   cfg.variant = variant
   fn = ot.value_and_grad_fn(cfg)
   rng = np.random.default_rng(0)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from configs import common
+from configs import ot_sections
 from ito_jax.losses import ot as ot_lib
 
 
@@ -132,7 +132,7 @@ def _ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
   finite = bad == 0
   # A constant stand-in keeps Sinkhorn finite; `where` sends zero cotangent to x.
   xs = [jnp.where(finite, x, jnp.full_like(x, x.shape[-1] ** -0.5)) for x in xs]
-  solver = common.ot_solver_config(config)
+  solver = ot_sections.ot_solver_config(config)
   value, aux, coupling = ot_lib.ot_regularizer_and_coupling(xs, solver)
   if config.ot.debias:
     solves = self_solves(xs, solver)

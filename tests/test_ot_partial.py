@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common, ot_partial_tiny_cpu
+from configs import common, ot_sections
 from ito_jax import bench, objective, objective_ot, sharding, train
 from ito_jax import metrics as metrics_lib
-from ito_jax.data import partial, pipeline, records, synthetic
+from ito_jax.data import partial, pipeline, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import evaluator, retrieval, transport, zeroshot
 from ito_jax.losses import ot as ot_lib
@@ -155,7 +155,7 @@ def test_ot_gradient_reaches_both_towers_and_is_gated_by_start_step(steppers):
   model, _ = nnx.merge(graphdef, s1)
   xs = [evaluator._embed_images(model, batch["unaligned_images"][:, 0]),
         evaluator._embed_texts(model, batch["unaligned_tokens"][:, 0])]
-  expected = jax.jit(lambda xs: ot_lib.ot_regularizer(xs, common.ot_solver_config(c))[0])(xs)
+  expected = jax.jit(lambda xs: ot_lib.ot_regularizer(xs, ot_sections.ot_solver_config(c))[0])(xs)
   np.testing.assert_allclose(float(m1b["loss/ot"]), float(expected), rtol=1e-4)
   np.testing.assert_allclose(float(m1b["loss"]), float(m1b["loss/align"]) + float(expected), rtol=1e-4)
 
@@ -258,7 +258,7 @@ def test_debias_self_solves_count_towards_unconverged(steppers):
     _, metrics = objective_ot.ot_loss(model, batch, out, cfg)
     counts[debias], errors[debias] = float(metrics["ot/unconverged"]), float(metrics["ot/marginal_error"])
   xs, _ = objective_ot.measures(model, batch, out, cfg)
-  self_check = ot_lib.convergence([p for _, p in objective_ot.self_solves(xs, common.ot_solver_config(cfg))],
+  self_check = ot_lib.convergence([p for _, p in objective_ot.self_solves(xs, ot_sections.ot_solver_config(cfg))],
                                   1e-6)
   assert counts[False] == 1.0 and float(self_check["unconverged"]) >= 1.0
   assert counts[True] == counts[False] + float(self_check["unconverged"])
@@ -306,7 +306,7 @@ def test_training_logs_counts_of_the_steps_between_log_lines(built, tmp_path, mo
 @pytest.mark.parametrize("variant", ["loop", "barycenter"])
 def test_debias_turns_w_eps_into_sinkhorn_divergences(variant):
   c = micro_config(**{"ot.variant": variant, "ot.gamma": 0.0, "ot.debias": True})
-  solver = common.ot_solver_config(c)
+  solver = ot_sections.ot_solver_config(c)
 
   @jax.jit  # one compile for all the solves
   def figures(x, y):
@@ -397,84 +397,3 @@ def test_evaluator_reports_seen_and_unseen_keys(built):
   overall = (unseen.mean() * out["zeroshot/unseen_accuracy"]
              + (1 - unseen.mean()) * out["zeroshot/seen_accuracy"])
   assert overall == pytest.approx(out["zeroshot/accuracy"])
-
-
-# ---- config ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("field,value,match", [
-    ("partial.aligned_fraction", 1.5, "config.partial.aligned_fraction: must lie in (0, 1)"),
-    ("partial.unseen_classes", (3, 99), "config.partial.unseen_classes: must be class ids in [0, 30)"),
-    ("partial.unseen_classes", (3, 3), "config.partial.unseen_classes: has repeated ids"),
-    ("partial.unaligned_batch_size", 0, "config.partial.unaligned_batch_size: must be a positive"),
-    ("loss.ot_weight", -1.0, "config.loss.ot_weight: must be finite and >= 0"),
-    ("loss.ot_weight", float("inf"), "config.loss.ot_weight: must be finite and >= 0, got inf"),
-    ("loss.ot_plan_contrast_weight", float("inf"), "config.loss.ot_plan_contrast_weight: must be finite"),
-    ("ot.start_step", -1, "config.ot.start_step: must be a non-negative integer"),
-    ("ot.start_step", True, "config.ot.start_step: must be a non-negative integer"),
-    ("partial.unseen_classes", (-1,), "config.partial.unseen_classes: must be non-negative class ids"),
-    ("ot.epsilon", 0.0, "config.ot.epsilon: must be a positive number"),
-    ("ot.variant", "ring", "config.ot.variant: expected one of"),
-    ("ot.weights", (1.0, 1.0, 1.0), "config.ot.weights: has 3 entries for 2 measures"),
-    ("ot.barycenter_size", 1000, "config.ot.barycenter_size: 1000 exceeds the 256 points"),
-    ("ot.min_points", 200, "config.ot.min_points: each R_ot measure gets 128 points per step "
-                           "(partial.unaligned_batch_size), fewer than 200"),
-    ("ot.marginal_tolerance", -1.0, "config.ot.marginal_tolerance: must be a positive number"),
-    ("ot.stop_gradient", "images", "config.ot.stop_gradient: expected '', 'image' or 'text', got 'images'"),
-])
-def test_invalid_partial_and_ot_fields_name_the_field(field, value, match):
-  c = ot_partial_tiny_cpu.get_config()
-  section, _, name = field.rpartition(".")
-  c[section][name] = value
-  with pytest.raises(common.ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")
-                     .replace("[", r"\[")):
-    common.validate(c)
-
-
-def test_unseen_classes_of_a_converted_source_are_checked_against_its_labels():
-  """Class ids past ito_shapes' 30 are valid for a converted source; the
-  split checks them against the source's own labels instead."""
-  c = ot_partial_tiny_cpu.get_config()
-  c.data.sources = ("/converted/dir",)
-  c.partial.unseen_classes = (40, 75)
-  common.validate(c)  # no ito_shapes bound
-
-  class Source:
-    name = "converted"
-    rows = [records.RawRecord(id=str(i), label=lab) for i, lab in enumerate([40, 3, 3, 7] * 25)]
-
-    def __len__(self):
-      return len(self.rows)
-
-    def __getitem__(self, i):
-      return self.rows[i]
-
-  with pytest.raises(ValueError, match=r"config.partial.unseen_classes: \[75\] occur in no label of "
-                                       r"source 'converted'"):
-    partial.split_for(c, Source())
-  c.partial.unseen_classes = (40,)
-  split = partial.split_for(c, Source())
-  labels = np.array([40, 3, 3, 7] * 25)
-  assert not np.isin(labels[split.aligned], [40]).any()
-
-
-def test_partial_settings_need_partial_mode():
-  c = ot_partial_tiny_cpu.get_config()
-  c.partial.enabled = False
-  with pytest.raises(common.ConfigError, match="config.partial.unseen_classes: is set but"):
-    common.validate(c)
-  c.partial.unseen_classes = ()
-  c.ot.include_aligned = True
-  with pytest.raises(common.ConfigError, match="config.ot.include_aligned: needs partial.enabled"):
-    common.validate(c)
-  c = ot_partial_tiny_cpu.get_config()
-  c.partial.unaligned_batch_size = 100
-  with pytest.raises(common.ConfigError, match="unaligned_batch_size: 100 is not divisible by the device count 8"):
-    common.validate(c, num_devices=8)
-
-
-@pytest.mark.parametrize("arg", [None, "runlocal"])
-def test_shipped_partial_config_is_valid(arg):
-  c = ot_partial_tiny_cpu.get_config(arg)
-  common.validate(c)
-  assert c.is_locked and c.partial.enabled and c.loss.ot_weight > 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
+from configs import common, ot_sections
 from ito_jax import bench, sharding, train
 from ito_jax.data import partial, pipeline, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
@@ -50,7 +50,7 @@ def test_pipeline_gives_views_of_one_pool_sample(tmp_path):
 def test_train_step_puts_every_view_into_r_ot():
   c = micro_config(**{"partial.unaligned_views": 2, "ot.start_step": 0})
   common.validate(c)
-  assert common.num_ot_measures(c) == (4, 48)
+  assert ot_sections.num_ot_measures(c) == (4, 48)
   mesh = sharding.make_mesh(c)
   batch = sharding.put_batch(bench.random_batch(c), mesh)
   assert batch["unaligned_images"].shape == (12, 2, 16, 16, 3)
@@ -62,7 +62,7 @@ def test_train_step_puts_every_view_into_r_ot():
   # text 0) and (text 1, image 0).
   xs = [evaluator._embed_images(model0, batch["unaligned_images"][:, v]) for v in range(2)] + \
        [evaluator._embed_texts(model0, batch["unaligned_tokens"][:, v]) for v in range(2)]
-  expected, aux = jax.jit(lambda xs: ot_lib.ot_regularizer(xs, common.ot_solver_config(c)))(xs)
+  expected, aux = jax.jit(lambda xs: ot_lib.ot_regularizer(xs, ot_sections.ot_solver_config(c)))(xs)
   _, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["loss/ot"]), float(expected), rtol=1e-4)
   for pair in ("w_0_1", "w_1_2", "w_2_3", "w_3_0"):

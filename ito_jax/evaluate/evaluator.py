@@ -97,8 +97,8 @@ class Evaluator:
                                                self.data["labels"][rows], unseen,
                                                gallery=self.config.eval.retrieval_gallery))
     if "partial" in self.config and self.config.partial.enabled and self.zeroshot and self.retrieval:
-      from configs import common  # pylint: disable=g-import-not-at-top
+      from configs import ot_sections  # pylint: disable=g-import-not-at-top
       metrics.update(transport.plan_class_purity(
           emb["image"][rows], emb["caption"][:, 0], self.data["labels"][rows],
-          common.ot_solver_config(self.config)))
+          ot_sections.ot_solver_config(self.config)))
     return metrics
