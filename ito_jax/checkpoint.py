@@ -98,6 +98,19 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 DATA_LAYOUT_FIELDS = ("data.num_workers", "data.sources", "partial.enabled")
 
 
+def data_layout_changes(saved: dict, current: dict) -> list[str]:
+  """config_differences entries of DATA_LAYOUT_FIELDS: the changes under
+  which the saved data position cannot be restored."""
+  out = []
+  for field in DATA_LAYOUT_FIELDS:
+    a, b = saved, current
+    for key in field.split("."):
+      a = a.get(key) if isinstance(a, dict) else None
+      b = b.get(key) if isinstance(b, dict) else None
+    out += config_differences(a, b, field + ".")
+  return out
+
+
 # =============================================================================
 # The manager
 # =============================================================================
@@ -176,12 +189,14 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     meta = self.read_json(step, "meta")
+    saved = self.read_json(step, "config") if self.config is not None else None
+    current = config_to_json(self.config) if self.config is not None else None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_tree(abstract_state))
-    self._check_fits(step, target)
+    self._check_fits(step, target, config_differences(saved, current) if saved is not None else [])
     items = {"state": ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
     if data_iter is not None:
-      layout = self._data_layout_changes(step)
+      layout = [] if saved is None else data_layout_changes(saved, current)
       if meta["process_count"] != jax.process_count():
         logging.warning(
             "checkpoint step %d was written by %d processes, this run has %d: the model and "
@@ -196,21 +211,10 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return from_tree(abstract_state, restored["state"]), step
 
-  def _data_layout_changes(self, step: int) -> list[str]:
-    """Config changes (config_differences entries) under which the saved data
-    position cannot be restored: its structure follows the pipeline's shape."""
-    if self.config is None:
-      return []
-    changed = config_differences(self.read_json(step, "config"), config_to_json(self.config))
-    return [c for c in changed
-            if any(c == f or c.startswith((f + " ", f + ".")) for f in DATA_LAYOUT_FIELDS)]
-
-  def _check_fits(self, step: int, target: dict) -> None:
+  def _check_fits(self, step: int, target: dict, changed: list[str]) -> None:
     """Refuses (naming arrays and config fields) a checkpoint whose arrays do
-    not match this run's model and optimizer; warns about other config changes."""
-    changed = []
-    if self.config is not None:
-      changed = config_differences(self.read_json(step, "config"), config_to_json(self.config))
+    not match this run's model and optimizer; warns about the config fields
+    that `changed` (config_differences entries) names."""
     stored = {name: (tuple(m.shape), str(m.dtype))
               for name, m in flatten(self.manager.item_metadata(step)["state"]).items()}
     wanted = {name: (tuple(x.shape), str(x.dtype)) for name, x in flatten(target).items()}
