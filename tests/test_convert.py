@@ -193,6 +193,25 @@ def test_negative_labels_mean_none_and_out_of_range_labels_are_bad(tmp_path):
       '4.png (label 2.5 is not an integer)', '5.png (label True is not an integer)']
 
 
+def test_a_later_row_labels_an_image_an_earlier_row_left_unlabelled(tmp_path):
+  """-1 is "no label" when rows of one image merge, as it is for a record: a
+  row naming the class fills it in, in either order; the first real label stays."""
+  png = h.shapes_examples(1)[0]['image']
+  os.makedirs(tmp_path / 'in')
+  rows = [('a.png', -1), ('a.png', 'circle'), ('b.png', 'square'), ('b.png', -1),
+          ('c.png', -1), ('c.png', 'square'), ('c.png', 'circle')]
+  for image in 'abc':
+    (tmp_path / 'in' / f'{image}.png').write_bytes(png)
+  (tmp_path / 'in' / 'captions.jsonl').write_text(''.join(
+      json.dumps({'image': image, 'caption': f'row {i}', 'label': label}) + '\n'
+      for i, (image, label) in enumerate(rows)))
+  m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
+  got = _records(str(tmp_path / 'out'))
+  assert m['class_names'] == ['circle', 'square'] and m['num_labelled'] == 3 and m['bad'] == {}
+  assert {k: r.label for k, r in got.items()} == {'a.png': 0, 'b.png': 1, 'c.png': 1}
+  assert [c.decode() for c in got['a.png'].captions] == ['row 0', 'row 1']
+
+
 def test_captions_that_are_not_strings_are_dropped_and_counted(tmp_path):
   png = h.shapes_examples(1)[0]['image']
   os.makedirs(tmp_path / 'in')

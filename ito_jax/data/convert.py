@@ -12,7 +12,8 @@ Inputs (readers in `ito_jax.data.convert_inputs`):
   DIR/captions.jsonl or DIR/captions.csv). A row names its `image` (path
   relative to DIR; also `file`, `file_name`, `filename`, `path`), a `caption`
   or `captions` (or `text`), and optionally `label` (int, or a class name) and
-  `id` (default: the image path). Rows of the same id add captions to it.
+  `id` (default: the image path). Rows of the same id add captions to it;
+  its label is the first of its rows' labels that is not "no label" (below).
 * tar: webdataset shards. Members `KEY.EXT` group by KEY (the name up to the
   first dot of the basename): an image (jpg, jpeg, png, webp, bmp, gif, tif,
   tiff), a caption (`txt`, or `json` with caption/captions/text), a label (`cls`,

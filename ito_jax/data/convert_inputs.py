@@ -30,8 +30,16 @@ def string_captions(value) -> tuple[list[str], int]:
   return texts, len(items) - len(texts)
 
 
+def _no_label(label) -> bool:
+  """None or a negative integer: the converter's "no label" (`convert._check_label`)."""
+  return label is None or (isinstance(label, int) and not isinstance(label, bool) and label < 0)
+
+
 class FolderInput:
-  """Images in a directory with a JSONL or CSV captions file."""
+  """Images in a directory with a JSONL or CSV captions file. Rows of one id
+  merge: their captions add up, and the label is the first row's that is a
+  label (a class name or a non-negative integer), so an unlabelled (-1) row
+  does not hide a later row's class."""
 
   def __init__(self, root: str, captions_file: str = '', class_names=None):
     self.root = os.path.abspath(root)
@@ -44,7 +52,7 @@ class FolderInput:
                                               'non_string_captions': 0})
       entry['captions'] += row['captions']
       entry['non_string_captions'] += row['non_string_captions']
-      if entry['label'] is None:
+      if _no_label(entry['label']):  # a -1 row must not hide a later row's class
         entry['label'] = row['label']
     self.entries = list(by_id.values())
     self.num_records = len(self.entries)
