@@ -183,6 +183,15 @@ def test_augmentations_keep_captions_true():
   assert augment.word_dropout('a b c', rng, 1.0) in ('a', 'b', 'c')
 
 
+def test_clause_drop_keeps_the_subject_of_a_single_caption():
+  """A converted sample with one caption gets its extra text views from
+  drop_clause; a view of only the distractor clause would name the wrong class."""
+  caption = 'a red circle, next to a blue square, small'
+  views = [v for seed in range(50)
+           for v in augment.text_views([caption], np.random.default_rng(seed), 2, 0.0)[1:]]
+  assert set(views) == {'a red circle, small', 'a red circle, next to a blue square'}
+
+
 # ----------------------------------------------------------------- pipelines
 def test_train_batches_shapes_and_views(built):
   data_dir, _, tok = built

@@ -101,12 +101,16 @@ def flip_sample(image: np.ndarray, captions: Sequence[str]) -> tuple[np.ndarray,
 
 # ----------------------------------------------------------------- texts
 def drop_clause(text: str, rng: np.random.Generator) -> str:
-  """Sub-sentence sampling: drops one random comma-separated part, if there are
-  at least two (our captions put extra attributes in such parts)."""
+  """Sub-sentence sampling: drops one random comma-separated part after the
+  first, if there are at least two. Later parts hold extra attributes or a
+  distractor (', next to a blue square'); the first names the subject, and a
+  view without it can name only the distractor's class. (One ito_shapes
+  template, '{p}, {n} {z} {c} {s}', leads with the position instead: its views
+  keep only the position, true but weak.)"""
   parts = [p.strip() for p in text.split(',') if p.strip()]
   if len(parts) < 2:
     return text
-  del parts[rng.integers(len(parts))]
+  del parts[1 + rng.integers(len(parts) - 1)]
   return ', '.join(parts)
 
 
