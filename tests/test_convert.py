@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -96,6 +97,25 @@ def test_truncated_tar_keeps_what_came_before(inputs, tmp_path):
   assert m['bad'] == {'corrupt_record': 1} and m['bad_examples']['corrupt_record'][0].startswith('cut.tar@')
   got = _records(str(tmp_path / 'out'))
   assert 0 < len(got) < 7 and list(got) == [f'shard/{e["id"]}' for e in examples[:len(got)]]
+
+
+def test_tar_cut_in_the_padding_keeps_the_sample_before(inputs, tmp_path):
+  """Every member of sample 3 is whole; only the zero padding after its last
+  member (and the rest of the tar) is missing."""
+  root, examples, _ = inputs
+  with tarfile.open(root / 'tars' / 'a.tar') as tar:
+    last = tar.getmember(f'shard/{examples[3]["id"]}.cls')
+  assert last.size % 512  # there is padding to cut into
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'cut.tar').write_bytes(
+      (root / 'tars' / 'a.tar').read_bytes()[:last.offset_data + last.size + 10])
+  m = convert.convert('tar', str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
+  got = _records(str(tmp_path / 'out'))
+  assert list(got) == [f'shard/{e["id"]}' for e in examples[:4]]
+  assert got[f'shard/{examples[3]["id"]}'].label == examples[3]['label']
+  # The break is still reported, as one corrupt record after the kept sample.
+  assert m['bad'] == {'corrupt_record': 1}
+  assert m['bad_examples']['corrupt_record'] == [f'cut.tar@after shard/{examples[3]["id"]}']
 
 
 def test_tfds(inputs, tmp_path):

@@ -141,7 +141,7 @@ class TarInput:
     return list(self.tars)
 
   def read(self, tar_path: str) -> Iterator[records.RawRecord]:
-    group, key = {}, None
+    group, key, in_member, broken = {}, None, False, None
     try:
       with tarfile.open(tar_path, 'r|*') as tar:  # streaming: members in order
         for member in tar:
@@ -155,16 +155,23 @@ class TarInput:
           if member_key != key and group:
             yield self._record(key, group)
             group = {}
-          key = member_key
+          key, in_member = member_key, True
           group[ext.lower()] = tar.extractfile(member).read()
+          in_member = False
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
       # A truncated or damaged tar (a common end of an interrupted download):
-      # keep what came before, count the rest as one corrupt record.
-      group = {}
-      yield records.RawRecord(id=f'{os.path.basename(tar_path)}@{key}',
-                              corrupt=f'{type(e).__name__}: {e}')
+      # keep every whole member, count the rest as one corrupt record. A break
+      # inside a member's data loses its sample; one after it (tarfile reads
+      # the padding up to the next header) loses nothing read.
+      if in_member:
+        group = {}
+      where = key if in_member or key is None else f'after {key}'
+      broken = records.RawRecord(id=f'{os.path.basename(tar_path)}@{where}',
+                                 corrupt=f'{type(e).__name__}: {e}')
     if group:
       yield self._record(key, group)
+    if broken is not None:
+      yield broken
 
   @staticmethod
   def _record(key: str, group: dict[str, bytes]) -> records.RawRecord:
