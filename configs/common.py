@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   #   weights                barycenter: per-measure weights w_k (length K); None = uniform.
   #   barycenter_size        barycenter: support points of nu*; None = mean measure size.
   #   barycenter_iterations  barycenter: outer fixed-point iterations for nu*.
+  #   barycenter_tolerance   barycenter: nu* counts as not converged (one more in ot/unconverged) when a
+  #                          further fixed-point step would move a support point farther than this
+  #                          (the largest such move is logged as ot/barycenter_residual).
   #   min_points             fewest points per measure; fewer is an error naming this field.
   #   marginal_tolerance     L1 marginal error (rows + columns) above which a solve counts as not converged
   #                          (logged as ot/unconverged and ot/marginal_error; counted, not fatal).

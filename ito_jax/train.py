@@ -181,10 +181,11 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
 # =============================================================================
 # Per-step counts of bad input that a log line must not sample from its own
 # step only: summed over the steps since the previous log line (and the worst
-# marginal error taken over them), so a bad step between log lines is counted.
+# marginal error and barycenter residual taken over them), so a bad step
+# between log lines is counted.
 SUMMED_METRICS = ("train/nonfinite_steps", "ot/nonfinite_points", "ot/nonfinite_value",
                   "ot/unconverged")
-MAXED_METRICS = ("ot/marginal_error",)
+MAXED_METRICS = ("ot/marginal_error", "ot/barycenter_residual")
 
 
 @jax.jit

@@ -205,7 +205,8 @@ def test_barycenter_of_identical_and_of_noisy_copies(cost, epsilon):
     ("variant", "ring"), ("cost", "l1"), ("epsilon", 0.0), ("epsilon", -0.1),
     ("num_iterations", 0), ("num_iterations", -3), ("gamma", -1.0),
     ("weights", (1.0,)), ("weights", (1.0, -1.0)), ("barycenter_size", 0),
-    ("barycenter_iterations", 0), ("min_points", 0), ("marginal_tolerance", 0.0),
+    ("barycenter_iterations", 0), ("barycenter_tolerance", 0.0), ("min_points", 0),
+    ("marginal_tolerance", 0.0),
 ])
 def test_invalid_config_names_the_field(field, bad):
   xs = [jnp.zeros((4, 3)), jnp.ones((4, 3))]
@@ -235,16 +236,41 @@ def test_invalid_measures_and_unknown_fields_are_rejected():
 @pytest.mark.parametrize("variant", ot.VARIANTS)
 def test_unconverged_solves_are_counted(variant):
   """One Sinkhorn iteration at a small eps leaves the row marginals far off:
-  every solve counts as unconverged. 300 iterations at a moderate eps converge."""
+  every solve counts as unconverged, and so does nu* built from such plans.
+  300 iterations at a moderate eps converge, and 100 outer steps nu*."""
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   xs = [jnp.asarray(unit(rng.normal(size=(16, 8))), jnp.float32),
         jnp.asarray(unit(rng.normal(size=(12, 8))), jnp.float32)]
   _, rough = ot.ot_regularizer(xs, _config(variant=variant, epsilon=0.01, num_iterations=1))
-  solves = 1 if variant == "loop" else 2  # K = 2: one loop solve (its transpose is reused)
+  # K = 2: one loop solve (its transpose is reused); two plans to nu*, and nu*.
+  solves = 1 if variant == "loop" else 3
   assert float(rough["unconverged"]) == solves and float(rough["marginal_error"]) > 1e-2
-  _, done = ot.ot_regularizer(xs, _config(variant=variant, epsilon=0.2, num_iterations=300))
+  _, done = ot.ot_regularizer(xs, _config(variant=variant, epsilon=0.2, num_iterations=300,
+                                          barycenter_iterations=100))
   assert float(done["unconverged"]) == 0 and float(done["marginal_error"]) < 1e-3
+
+
+@pytest.mark.parametrize("cost,epsilon", [("cosine", 0.05), ("sqeuclidean", 0.1)])
+def test_barycenter_residual_is_the_next_fixed_point_step(cost, epsilon):
+  """barycenter_residual is how far ott's own next outer step moves nu*
+  (free_support_barycenter run once more), and a residual above
+  barycenter_tolerance adds nu* to the unconverged count."""
+  rng = np.random.default_rng(0)
+  xs = [jnp.asarray(_unit(rng, 24, 8)), jnp.asarray(_unit(rng, 20, 8))]
+  for outer in (1, 3):
+    cfg = _config(variant="barycenter", cost=cost, epsilon=epsilon, num_iterations=200,
+                  barycenter_iterations=outer)
+    _, aux = ot.ot_regularizer(xs, cfg)
+    now = ot.free_support_barycenter(xs, cfg)
+    after = ot.free_support_barycenter(xs, _config(**{**cfg.to_dict(), "barycenter_iterations": outer + 1}))
+    moved = float(jnp.max(jnp.linalg.norm(after - now, axis=-1)))
+    assert moved > 0.05  # three steps are not enough on these sets
+    np.testing.assert_allclose(float(aux["barycenter_residual"]), moved, rtol=1e-3)
+    # 200 Sinkhorn iterations fit both plans to nu*: only nu* is unconverged.
+    assert float(aux["marginal_error"]) < cfg.marginal_tolerance and float(aux["unconverged"]) == 1
+    cfg.barycenter_tolerance = 2 * moved
+    assert float(ot.ot_regularizer(xs, cfg)[1]["unconverged"]) == 0
 
 
 # ---- the image-text coupling the partial trainer reads -------------------------
