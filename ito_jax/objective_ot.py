@@ -26,7 +26,8 @@ ot.debias the W_eps terms become Sinkhorn divergences (`self_transport`).
 Bad input never reaches the parameters as NaN: if an unaligned image or any
 point of a measure is non-finite, the image is zeroed before the tower, the
 measures are replaced by finite stand-ins, the term's weight is zero (so its
-gradient is exactly zero), and `ot/nonfinite_points` counts the offenders. A
+gradient is exactly zero), `ot/nonfinite_points` counts the offenders, and the
+term's other metrics read 0 (they would describe the stand-ins). A
 non-finite R_ot (or plan contrast) value from finite points is dropped the same
 way and counted in `ot/nonfinite_value`. With ot.debias the self-transport
 solves count towards `ot/unconverged` and `ot/marginal_error` too. One case
@@ -164,6 +165,12 @@ def _ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
     half = len(xs) // 2  # image views, then text views
     gap = jnp.mean(jnp.concatenate(xs[:half]), axis=0) - jnp.mean(jnp.concatenate(xs[half:]), axis=0)
     metrics["gap/unaligned_centroid_distance"] = jnp.linalg.norm(jax.lax.stop_gradient(gap))
+  # On a step whose measures are stand-ins, what the solves measured describes
+  # the stand-ins (e.g. a cycle term of (n - 1) / n): those metrics read 0, as
+  # before ot.start_step, and the counters say why.
+  counters = ("ot/weight", "ot/nonfinite_points", "ot/nonfinite_value")
+  metrics = {k: v if k in counters else jnp.where(finite, v, jnp.zeros_like(v))
+             for k, v in metrics.items()}
   return term, metrics
 
 

@@ -217,7 +217,12 @@ def test_nonfinite_unaligned_input_is_counted_and_adds_no_gradient(steppers):
   s0b, _ = _run(steps[0.0], s1, bad)
   s1b, metrics = _run(steps[1.0], s1, bad)
   assert int(metrics["ot/nonfinite_points"]) == 1 and float(metrics["ot/weight"]) == 0.0
-  assert np.isfinite(float(metrics["loss/ot"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert np.isfinite(float(metrics["grad_norm"]))
+  # What the solves measured on the stand-ins is not reported as R_ot's.
+  described = [k for k in metrics if k.startswith(("ot/", "loss/ot", "gap/unaligned"))
+               and k not in ("ot/weight", "ot/nonfinite_points", "ot/nonfinite_value")]
+  assert "ot/cycle" in described and "loss/ot" in described
+  assert {k: float(metrics[k]) for k in described} == {k: 0.0 for k in described}
   for tower in ("image_tower", "text_tower"):
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in _params(s1b, tower))
     assert _same(_params(s0b, tower), _params(s1b, tower)), tower
