@@ -74,7 +74,8 @@ def test_mining_in_pools_is_mining_on_each_diagonal_block():
 
 def test_objective_without_mesh_equals_the_unsharded_formulation():
   """compute_loss (per-shard terms on one shard, ITM pairs stacked per sample)
-  equals the objective assembled from the plain [B, B] losses."""
+  equals the objective assembled from the plain [B, B] losses, and its batch
+  gap metric is the evaluator's centroid distance over every view."""
   config = tiny_config("ito")
   config.batch_size = 6
   config.loss.itm_negative_pool = 0  # the whole batch, as fusion.itm_loss mines
@@ -94,15 +95,20 @@ def test_objective_without_mesh_equals_the_unsharded_formulation():
     fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])
     anchor, _ = fusion_losses.anchor_loss(img0, txt0, head.anchor(fused), scale,
                                           pull_weight=config.loss.anchor_pull_weight)
-    return loss, metrics, align, itm, anchor
+    return loss, metrics, align, itm, anchor, out["image_emb"], out["text_emb"]
 
-  loss, metrics, align, itm, anchor = both(model, batch)
+  loss, metrics, align, itm, anchor, image_emb, text_emb = both(model, batch)
   np.testing.assert_allclose(metrics["loss/align"], align, rtol=1e-6)
   np.testing.assert_allclose(metrics["loss/itm"], itm, rtol=1e-6)
   np.testing.assert_allclose(
       metrics["loss/anchor"] + config.loss.anchor_pull_weight * metrics["fusion/anchor_pull"],
       anchor, rtol=1e-6)
   np.testing.assert_allclose(loss, align + 0.5 * itm + 0.5 * anchor, rtol=1e-6)
+  dim = image_emb.shape[-1]
+  np.testing.assert_allclose(
+      metrics["gap/batch_centroid_distance"],
+      gap.centroid_distance(np.asarray(image_emb).reshape(-1, dim),
+                            np.asarray(text_emb).reshape(-1, dim)), rtol=1e-5)
 
 
 # =============================================================================
