@@ -157,6 +157,23 @@ def test_cycle_term_vanishes_for_permuted_copies_and_not_for_unrelated_sets(num_
   assert float(aux["cycle"]) > (0.1 if num_measures == 2 else 0.5)
 
 
+def test_cycle_term_on_constructed_plans_is_the_squared_error_per_point():
+  # Uniform plans [5, 3] and [3, 5] (every entry 1/15): as maps, every point
+  # of mu_0 goes to every point of mu_1 with 1/3, and back with 1/5 each, so
+  # the walk is the [5, 5] matrix of 1/5. Its distance to I: 5 diagonal
+  # entries (1/5 - 1)^2 = 16/25 and 20 off-diagonal (1/5)^2 = 1/25, a total
+  # of 100/25 = 4; per point of mu_0, 4/5.
+  there, back = jnp.full((5, 3), 1 / 15), jnp.full((3, 5), 1 / 15)
+  np.testing.assert_allclose(ot.cycle_consistency([there, back]), 0.8, rtol=1e-6)
+  # A permutation there and its inverse back: the walk is I.
+  perm = jnp.eye(4)[jnp.array([2, 0, 3, 1])] / 4
+  np.testing.assert_allclose(ot.cycle_consistency([perm, perm.T]), 0.0, atol=1e-7)
+  # K = 3, two identities and a cyclic shift: the loop sends point i to i+1,
+  # 3 entries (-1)^2 on the diagonal and 3 of 1^2 off it, 6 / 3 points = 2.
+  ident, shift = jnp.eye(3) / 3, jnp.roll(jnp.eye(3), 1, axis=1) / 3
+  np.testing.assert_allclose(ot.cycle_consistency([ident, ident, shift]), 2.0, rtol=1e-6)
+
+
 # ---- the barycenter -----------------------------------------------------------
 
 
