@@ -183,6 +183,15 @@ def test_augmentations_keep_captions_true():
   assert augment.word_dropout('a b c', rng, 1.0) in ('a', 'b', 'c')
 
 
+def test_unit_range_maps_0_255_onto_minus_1_1():
+  """The towers are trained, evaluated and served on [-1, 1]; a [0, 1] map
+  would still pass every range check."""
+  assert augment.to_unit_range(np.array([0, 255], np.uint8)).tolist() == [-1.0, 1.0]
+  assert augment.to_unit_range(np.array([127.5], np.float32)).tolist() == [0.0]
+  np.testing.assert_allclose(augment.to_unit_range(np.array([51, 204], np.uint8)), [-0.6, 0.6],
+                             atol=1e-6)
+
+
 def test_clause_drop_keeps_the_subject_of_a_single_caption():
   """A converted sample with one caption gets its extra text views from
   drop_clause; a view of only the distractor clause would name the wrong class."""
@@ -256,8 +265,10 @@ def test_eval_arrays(built):
   assert arrays['tokens'].dtype == np.int32 and arrays['labels'].dtype == np.int32
   assert list(arrays['ids']) == sorted(set(arrays['ids'])) and arrays['ids'][0] == 'validation_000000'
   png = synthetic.make_example(0, 'validation', 0)['image']
-  expected = augment.to_unit_range(augment.resize(np.asarray(Image.open(io.BytesIO(png))), 32))
-  np.testing.assert_array_equal(arrays['images'][0], expected)  # no random augmentation
+  pixels = augment.resize(np.asarray(Image.open(io.BytesIO(png))), 32).astype(np.float32)
+  # No random augmentation: the whole frame resized, 0 -> -1 and 255 -> 1.
+  np.testing.assert_allclose(arrays['images'][0], pixels / 127.5 - 1, atol=1e-6)
+  assert arrays['images'].min() < -0.5 and arrays['images'].max() > 0.5  # dark and light pixels both in range
   test = pipeline.eval_arrays(config, tok, 'test')
   assert test['ids'][0] == 'test_000000' and not np.array_equal(test['images'], arrays['images'])
 

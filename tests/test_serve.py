@@ -111,6 +111,7 @@ def test_serving_decodes_images_as_training_does(tmp_path):
     pixels, repair = records.decode_image(data, records.Limits.max_image_pixels)
     assert repair in ("mode_16bit", "mode_alpha")
     want = augment.to_unit_range(augment.resize(pixels, 20))
+    np.testing.assert_allclose(want, augment.resize(pixels, 20) / 127.5 - 1, atol=1e-6)  # [-1, 1]
     naive = augment.to_unit_range(augment.resize(np.asarray(image.convert("RGB")), 20))
     assert np.abs(naive - want).max() > 0.5  # the skew this test guards against
     (tmp_path / f"{name}.png").write_bytes(data)
