@@ -192,6 +192,21 @@ def test_unit_range_maps_0_255_onto_minus_1_1():
                              atol=1e-6)
 
 
+def test_random_resized_crop_draws_its_area_from_the_whole_scale_range():
+  """On a horizontal ramp the output's span of grey levels gives the crop's
+  width; with square crops (ratio 1) width = sqrt(area), so the widths must
+  cover [sqrt(0.1), sqrt(0.5)] and not sit at one end of it."""
+  ramp = np.broadcast_to((np.arange(64) * 4).astype(np.uint8)[None, :, None], (64, 64, 3)).copy()
+  widths = []
+  for seed in range(50):
+    out = augment.random_resized_crop(ramp, np.random.default_rng(seed), 64, (0.1, 0.5), (1.0, 1.0))
+    row = out[32, :, 0].astype(np.float64)
+    # Output column j samples the source at x0 + (j + 1/2) w / 64, where the ramp is 4 per pixel.
+    widths.append((row[-1] - row[0]) / (4 * 63))
+  assert min(widths) >= np.sqrt(0.1) - 0.03 and max(widths) <= np.sqrt(0.5) + 0.03, (min(widths), max(widths))
+  assert max(widths) - min(widths) > 0.25, sorted(widths)
+
+
 def test_clause_drop_keeps_the_subject_of_a_single_caption():
   """A converted sample with one caption gets its extra text views from
   drop_clause; a view of only the distractor clause would name the wrong class."""
