@@ -13,7 +13,7 @@ from PIL import Image
 import pytest
 from etils import epath
 
-from ito_jax.data import augment, pipeline, synthetic
+from ito_jax.data import augment, pipeline, records, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
 
 NUM_TRAIN, NUM_EVAL = 300, 50
@@ -205,6 +205,29 @@ def test_random_resized_crop_draws_its_area_from_the_whole_scale_range():
     widths.append((row[-1] - row[0]) / (4 * 63))
   assert min(widths) >= np.sqrt(0.1) - 0.03 and max(widths) <= np.sqrt(0.5) + 0.03, (min(widths), max(widths))
   assert max(widths) - min(widths) > 0.25, sorted(widths)
+
+
+def test_flip_mirrors_the_image_and_swaps_left_right_in_the_captions(built):
+  """TrainTransform with data.flip: a sample flips as a whole, so a bright
+  left half arrives on the right exactly when its caption says 'right'."""
+  data_dir, _, tok = built
+  config = make_config(data_dir, m=1, n=1, context_length=16)
+  config.data.flip = True
+  transform = pipeline.TrainTransform(config, tok)
+  image = np.full((64, 64, 3), 20, np.uint8)
+  image[:, :32] = 220  # bright left half, dark right half
+  png = io.BytesIO()
+  Image.fromarray(image).save(png, format='PNG')
+  record = records.RawRecord('x', png.getvalue(), [b'a white square on the left'])
+  sides = []
+  for seed in range(16):
+    out = transform.random_map(record, np.random.default_rng(seed))
+    view = out['images'][0]  # [H, W, 3]; any crop of scale >= 0.6 spans the middle
+    bright = 'left' if view[:, 0].mean() > view[:, -1].mean() else 'right'
+    assert abs(view[:, 0].mean() - view[:, -1].mean()) > 1.0, seed  # light vs dark, in [-1, 1]
+    assert tok.decode(out['tokens'][0]) == f'a white square on the {bright}', seed
+    sides.append(bright)
+  assert set(sides) == {'left', 'right'}  # the flip fires for some seeds, not all
 
 
 def test_clause_drop_keeps_the_subject_of_a_single_caption():
