@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from configs import common, ot_partial_tiny_cpu
-from ito_jax import bench, objective_ot, sharding, train
+from ito_jax import bench, objective, objective_ot, sharding, train
+from ito_jax.models.ito import ItoModel
 
 from partial_helpers import micro_config, params as _params, run_step as _run
 
@@ -91,3 +92,36 @@ def test_plan_contrast_needs_partial_mode_and_a_non_negative_weight():
   c.loss.ot_plan_contrast_weight = 1.0
   with pytest.raises(common.ConfigError, match="config.loss.ot_plan_contrast_weight: needs partial.enabled"):
     common.validate(c)
+
+
+def test_plan_contrast_on_nonfinite_unaligned_input_adds_no_loss_and_no_gradient():
+  """A NaN unaligned image: the measures become constant stand-ins, whose
+  plan contrast is finite (about log 12, every logit equal) but describes
+  nothing, so the term must be gated off: the loss is L_align alone and the
+  gradient is the contrastive-only one."""
+  c = micro_config(**{"loss.ot_weight": 0.0, "loss.ot_plan_contrast_weight": 1.0, "ot.start_step": 0})
+  common.validate(c)
+  batch = {k: jnp.asarray(v) for k, v in bench.random_batch(c).items()}
+  images = np.asarray(batch["unaligned_images"]).copy()
+  images[3] = np.nan
+  bad = dict(batch, unaligned_images=jnp.asarray(images))
+  with nnx.use_eager_sharding(False):
+    model = ItoModel(c.model, rngs=nnx.Rngs(0))
+  contrastive_only = c.copy_and_resolve_references()
+  contrastive_only.loss.ot_plan_contrast_weight = 0.0  # the OT term is not even built
+
+  def loss_and_grads(cfg):
+    loss_fn = lambda m: objective.compute_loss(m, bad, cfg)
+    return nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+
+  (loss, metrics), grads = loss_and_grads(c)
+  (loss0, _), grads0 = loss_and_grads(contrastive_only)
+  assert int(metrics["ot/nonfinite_points"]) == 1
+  assert float(metrics["loss/ot_plan_contrast"]) == 0.0  # reported as 0 on stand-ins
+  np.testing.assert_allclose(float(loss), float(metrics["loss/align"]), rtol=1e-6)
+  np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
+  for tower in ("image_tower", "text_tower"):
+    ours, theirs = jax.tree.leaves(grads[tower]), jax.tree.leaves(grads0[tower])
+    assert ours and all(bool(jnp.all(jnp.isfinite(g))) for g in ours)
+    for a, b in zip(ours, theirs):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
