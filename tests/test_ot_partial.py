@@ -367,6 +367,32 @@ def test_retrieval_by_group_by_hand():
                  "retrieval/unseen_i2t_r1": 1.0, "retrieval/unseen_t2i_r1": 0.5}
 
 
+def test_class_embeddings_renormalise_the_prompt_mean():
+  # Class 0's two prompts agree (mean e0, norm 1); class 1's are at +-60
+  # degrees around e1 (mean 0.5 e1). An image at (0.6, 0.8) is nearer class
+  # 1's direction (cosine 0.8 > 0.6), but the raw mean scores it 0.4 < 0.6:
+  # only the renormalised mean puts it in class 1.
+  spread = np.sqrt(0.75)
+  prompts = np.array([[[1, 0], [1, 0]], [[spread, 0.5], [-spread, 0.5]]], np.float32)
+  class_emb = zeroshot.class_embeddings(prompts)
+  np.testing.assert_allclose(class_emb, np.eye(2), atol=1e-6)
+  out = zeroshot.accuracy(np.array([[0.6, 0.8]], np.float32), class_emb, np.array([1]))
+  assert out == {"zeroshot/accuracy": 1.0, "zeroshot/chance": 0.5}
+
+
+def test_retrieval_by_group_with_several_captions_per_image_by_hand():
+  # Image 0 (class 0, seen) has captions e0 and (0.6, 0.8); image 1 (class 1,
+  # unseen) has e1 twice. Flattened, captions 0-1 are image 0's, 2-3 image 1's.
+  # t2i: caption 0 -> image 0 (hit); caption 1 -> image 1 (0.8 > 0.6, miss);
+  # captions 2, 3 -> image 1 (hits). Seen captions {0, 1}: 1/2; unseen {2, 3}: 1.
+  # i2t: each image's own e_i caption is its nearest, so both hit.
+  image_emb = np.eye(2, dtype=np.float32)
+  caption_emb = np.array([[[1, 0], [0.6, 0.8]], [[0, 1], [0, 1]]], np.float32)
+  out = retrieval.recall_by_group(image_emb, caption_emb, np.array([0, 1]), (1,))
+  assert out == {"retrieval/seen_i2t_r1": 1.0, "retrieval/seen_t2i_r1": 0.5,
+                 "retrieval/unseen_i2t_r1": 1.0, "retrieval/unseen_t2i_r1": 1.0}
+
+
 def test_plan_class_purity_by_construction():
   # Classes 0, 1, 2 at orthogonal directions, 40 examples each and stored
   # sorted by class, as a converted source with class-prefixed ids would be.
