@@ -103,6 +103,18 @@ def test_classifier_is_at_chance_for_one_distribution():
   assert 0.55 < partial < 0.95
 
 
+def test_classifier_accuracy_is_measured_on_held_out_rows():
+  # One distribution again, but 60 + 60 training rows in 128 dims: any such
+  # set is linearly separable, so the ridge fit labels its own training rows
+  # (almost) perfectly. On the other, independent halves it can only guess:
+  # balanced accuracy mean 0.5, sd sqrt(2 * 0.25 / 60) / 2 ≈ 0.046, and 0.2 is
+  # > 4 sd (seed-fixed). Scored on the training rows it would read ~1.0.
+  rng = np.random.default_rng(4)
+  img = rng.normal(size=(120, 128))
+  txt = rng.normal(size=(120, 128))
+  assert abs(gap.modality_classifier_accuracy(img, txt, seed=0) - 0.5) < 0.2
+
+
 # ------------------------------------------------------------ saturation ------
 
 
