@@ -11,11 +11,12 @@ import pytest
 from flax import nnx
 
 from configs import common, ot_sections
-from ito_jax import bench, sharding, train
+from ito_jax import bench, objective, objective_ot, sharding, train
 from ito_jax.data import partial, pipeline, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import evaluator
 from ito_jax.losses import ot as ot_lib
+from ito_jax.models.ito import ItoModel
 
 from partial_helpers import micro_config
 
@@ -70,6 +71,32 @@ def test_train_step_puts_every_view_into_r_ot():
   # Views of the same sample are closer than the unaligned image-text pairs.
   assert float(aux["w_0_1"]) < float(aux["w_1_2"]) and float(aux["w_2_3"]) < float(aux["w_3_0"])
   assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["ot/weight"]) == 1.0
+
+
+def test_include_aligned_appends_the_aligned_view_0_to_both_measures():
+  c = micro_config(**{"ot.include_aligned": True})
+  common.validate(c)
+  u, b = c.partial.unaligned_batch_size, c.batch_size
+  assert ot_sections.num_ot_measures(c) == (2, 2 * (u + b))  # (K, points in all)
+  with nnx.use_eager_sharding(False):
+    model = ItoModel(c.model, rngs=nnx.Rngs(0))
+  batch = {k: jnp.asarray(v) for k, v in bench.random_batch(c).items()}
+
+  @nnx.jit
+  def measures_and_encodings(model, batch):  # one program: eager op-by-op is slow
+    xs, bad = objective_ot.measures(model, batch, objective.embed_batch(model, batch), c)
+    encoded = [model.encode_image(batch["unaligned_images"][:, 0]),
+               model.encode_text(batch["unaligned_tokens"][:, 0]),
+               model.encode_image(batch["images"][:, 0]), model.encode_text(batch["tokens"][:, 0])]
+    return xs, bad, encoded
+
+  xs, bad, (image_u, text_u, image_b, text_b) = measures_and_encodings(model, batch)
+  assert int(bad) == 0 and [x.shape for x in xs] == [(u + b, 16), (u + b, 16)]
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  close(xs[0][:u], image_u)
+  close(xs[1][:u], text_u)
+  close(xs[0][u:], image_b)  # the aligned batch's view 0, last
+  close(xs[1][u:], text_b)
 
 
 @pytest.mark.parametrize("overrides, message", [
