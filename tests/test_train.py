@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -63,9 +64,8 @@ def test_run_writes_metrics_and_eval_files(trained):
 
 
 # ------------------------------------------------- non-finite steps are skipped
-def _micro_step(skip_nonfinite):
-  """A compiled train step of towers small enough to compile in seconds, its
-  initial state and a random batch."""
+def _micro_config(skip_nonfinite):
+  """tiny_cpu with towers small enough to compile in seconds."""
   c = tiny_cpu.get_config()
   c.model.embed_dim = 16
   c.model.image.update(image_size=16, patch_size=8, width=32, depth=1, num_heads=2)
@@ -73,6 +73,12 @@ def _micro_step(skip_nonfinite):
   c.batch_size = 8
   c.optim.skip_nonfinite = skip_nonfinite
   common.validate(c)
+  return c
+
+
+def _micro_step(skip_nonfinite):
+  """A compiled train step of the micro towers, its initial state and a random batch."""
+  c = _micro_config(skip_nonfinite)
   mesh = sharding.make_mesh(c)
   graphdef, state = nnx.split(train.create_model_and_optimizer(c, mesh))
   step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, c)
@@ -139,6 +145,28 @@ def test_a_logit_scale_past_the_cap_is_clamped_back_and_keeps_its_gradient(guard
   assert float(model.logit_scale) == pytest.approx(MAX_LOGIT_SCALE)
   grads = nnx.grad(lambda m: m.logit_scale)(model)
   assert float(grads.log_scale[...]) > 0  # the loss can still lower the scale
+
+
+def test_the_logged_temperature_and_grad_norm_are_the_models_before_clipping(guarded):
+  """The first update runs at the warmup's rate 0, so the logged temperature
+  is 1 / temperature_init; grad_norm is the global norm of the loss gradient,
+  computed here outside the step, before optim.grad_clip_norm clips it."""
+  step, state, batch, mesh, graphdef = guarded
+  c = _micro_config(skip_nonfinite=True)
+  placed = sharding.put_batch(batch, mesh)
+
+  def loss_grad_norm(state):
+    model, _ = nnx.merge(graphdef, state)
+    grads = nnx.grad(lambda m: objective.compute_loss(m, placed, c, mesh, step=0)[0])(model)
+    return optax.global_norm(grads)
+
+  with jax.set_mesh(mesh):
+    expected_norm = float(jax.jit(loss_grad_norm)(state))
+  _, metrics = step(jax.tree.map(jnp.copy, state), placed)
+  assert float(metrics["temperature"]) == pytest.approx(1 / tiny_cpu.get_config().model.temperature_init)
+  assert float(metrics["temperature"]) == pytest.approx(0.07)
+  assert expected_norm > c.optim.grad_clip_norm  # so a clipped norm would differ
+  assert float(metrics["grad_norm"]) == pytest.approx(expected_norm, rel=1e-4)
 
 
 def test_without_the_guard_the_same_input_turns_parameters_nan():
