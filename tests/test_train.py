@@ -13,7 +13,7 @@ from flax import nnx
 from configs import common, tiny_cpu
 from ito_jax import bench, objective, sharding, train
 from ito_jax.metrics import read_jsonl
-from ito_jax.models.ito import MAX_LOG_SCALE, MAX_LOGIT_SCALE
+from ito_jax.models.ito import MAX_LOG_SCALE, MAX_LOGIT_SCALE, ItoModel
 
 
 def short_config():
@@ -167,6 +167,33 @@ def test_the_logged_temperature_and_grad_norm_are_the_models_before_clipping(gua
   assert float(metrics["temperature"]) == pytest.approx(0.07)
   assert expected_norm > c.optim.grad_clip_norm  # so a clipped norm would differ
   assert float(metrics["grad_norm"]) == pytest.approx(expected_norm, rel=1e-4)
+
+
+def test_weight_decay_reaches_kernels_and_embeddings_only():
+  """One AdamW update with a zero gradient is the decay alone: p <- p (1 - lr wd).
+  Decay on log_scale would drag the temperature, on logit_bias the sigmoid
+  bias, on norms' scales and biases the layers' gains. Every parameter is set
+  to 1 first, so a decayed zero-initialised bias would show."""
+  c = _micro_config(skip_nonfinite=True)
+  c.optim.warmup_steps = 0  # the first update runs at the peak rate
+  lr, wd = c.optim.learning_rate, c.optim.weight_decay
+  assert lr * wd > 0
+  with nnx.use_eager_sharding(False):
+    model = ItoModel(c.model, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(jnp.ones_like, params))
+  optimizer = nnx.Optimizer(model, train.make_optimizer(c), wrt=nnx.Param)
+  optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+  decayed = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
+    name = str(path[-1].key)
+    value = np.asarray(value)
+    shrunk = bool(np.allclose(value, 1 - lr * wd, rtol=0, atol=1e-7))
+    assert shrunk or np.all(value == 1), (path, value.ravel()[:3])
+    decayed.setdefault(name, set()).add(shrunk)
+  assert decayed == {"kernel": {True}, "embedding": {True}, "pos_embedding": {True},
+                     "bias": {False}, "scale": {False}, "log_scale": {False},
+                     "logit_bias": {False}}, decayed
 
 
 def test_without_the_guard_the_same_input_turns_parameters_nan():
