@@ -11,7 +11,9 @@ step:   the train step on a (data, fsdp, tensor) mesh against the same step on
         parameters after the last, for every mesh x objective.
 memory: the compiled per-device memory of the batch-level loss terms (value
         and gradient) at a global batch where a [B, B] float32 would dominate,
-        and of a whole train step under fsdp against data parallelism.
+        and of a whole train step under fsdp against data parallelism; and the
+        saturation metric from 8 shards against `gap.saturation` of the whole
+        [B, B] logits (each shard's positives sit in its own columns).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from configs import common  # noqa: E402
 from ito_jax import sharding, train  # noqa: E402
 from ito_jax.bench import random_batch  # noqa: E402
+from ito_jax.evaluate import gap  # noqa: E402
 from ito_jax.losses import sharded  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
@@ -188,6 +191,28 @@ def check_fsdp_memory(batch=256):
   print(json.dumps({"check": "fsdp_memory", "batch": batch, "temp_mib": figures}), flush=True)
 
 
+def check_saturation(batch=32, dim=8):
+  """sharded.saturation on 8 shards of [batch, dim] against gap.saturation of
+  the gathered logits. Texts are noisy copies of their images, so every row's
+  positive stands out; a shard that read shard 0's columns as its positives
+  would find much smaller (mostly negative) margins."""
+  config = common.base_config()
+  config.mesh.data = 8
+  mesh = sharding.make_mesh(config)
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  image = unit(rng.normal(size=(batch, dim))).astype(np.float32)
+  text = unit(image + 0.3 * rng.normal(size=(batch, dim))).astype(np.float32)
+  scale = jnp.float32(20.0)
+  B, R = sharded.BATCH, sharded.REPLICATED
+  fn = jax.jit(sharded.on_batch_shards(sharded.saturation, mesh, (B, B, R), R))
+  ours = fn(*(jax.device_put(x, NamedSharding(mesh, B)) for x in (image, text)), scale)
+  theirs = gap.saturation(scale * image @ text.T)
+  print(json.dumps({"check": "saturation", "batch": batch, "devices": 8,
+                    "sharded": {k: float(v) for k, v in ours.items()},
+                    "whole": {k: float(v) for k, v in theirs.items()}}), flush=True)
+
+
 if __name__ == "__main__":
   if jax.device_count() != 8:
     sys.exit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), got {jax.device_count()}")
@@ -195,5 +220,6 @@ if __name__ == "__main__":
   if part == "memory":
     check_memory()
     check_fsdp_memory()
+    check_saturation()
   else:
     check_steps()

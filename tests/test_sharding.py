@@ -221,9 +221,18 @@ def finish(proc, timeout: float) -> list[dict]:
 
 def test_sharded_loss_holds_no_global_bxb_buffer():
   """B = 4096, dim 64, 8 devices: a float32 [B, B] is 64 MiB, a device's
-  [B/8, B] rows 8 MiB. Value and gradient of alignment + saturation + anchor."""
+  [B/8, B] rows 8 MiB. Value and gradient of alignment + saturation + anchor.
+  The same subprocess checks the saturation metric's values on 8 shards."""
   results = finish(start([os.path.join(HERE, "sharded_step_check.py"), "memory"], 8), 300)
   (fsdp,) = [r for r in results if r["check"] == "fsdp_memory"]
+  # The same process checks the saturation metric's values on 8 shards: each
+  # shard's positives are its own columns of the gathered texts.
+  (saturation,) = [r for r in results if r["check"] == "saturation"]
+  print(f"saturation on 8 shards {saturation['sharded']}, whole batch {saturation['whole']}")
+  assert 0 < saturation["whole"]["frac_positive_prob_gt_099"] < 1  # neither statistic is trivial
+  assert saturation["whole"]["mean_margin"] > 1
+  for key, value in saturation["whole"].items():
+    assert saturation["sharded"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
   results = [r for r in results if r["check"] == "memory"]
   assert len(results) == 3
   # FSDP splits the activations over the batch as data parallelism does:
