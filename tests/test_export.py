@@ -271,6 +271,36 @@ def test_tokenizer_is_checked_against_the_manifest(micro_export, tmp_path):
   assert older.tokenizer.vocab_size == recorded["vocab_size"]  # exports before the field still load
 
 
+def _micro_params(config):
+  with nnx.use_eager_sharding(False):
+    model = ito.ItoModel(config.model, rngs=nnx.Rngs(0))
+  return {k: np.asarray(v) for k, v in
+          export.flatten(nnx.to_pure_dict(nnx.state(model, encoder_filter()))).items()}
+
+
+def test_a_tokenizer_with_more_pieces_than_the_text_vocab_is_refused(tmp_path):
+  """Ids past the text embedding table embed as NaN. An export whose
+  model_config has text.vocab_size one less than its tokenizer's pieces (the
+  manifest's sha256 and vocab_size agreeing with that tokenizer) fails to load."""
+  texts = [f"a red circle number {i}" for i in range(30)]
+  larger = tokenizer_lib.train_tokenizer(texts, str(tmp_path / "larger.model"), 64)
+  pieces = larger.vocab_size  # as many as these texts give, under the 64 asked for
+  fits = tokenizer_lib.train_tokenizer(texts, str(tmp_path / "fits.model"), pieces - 1)
+  assert fits.vocab_size == pieces - 1
+  config = data_helpers.micro_config()
+  config.model.text.vocab_size = pieces - 1
+  export_dir = export.write(_micro_params(config), config.model, str(tmp_path / "fits.model"),
+                            str(tmp_path / "export"), step=0)
+  assert export.load(export_dir).tokenizer.vocab_size == pieces - 1  # the same export, fitting
+  shutil.copy(tmp_path / "larger.model", os.path.join(export_dir, "tokenizer.model"))
+  digest = hashlib.sha256((tmp_path / "larger.model").read_bytes()).hexdigest()
+  _edit_json(export_dir, "manifest.json",
+             lambda m: m.update(tokenizer={"sha256": digest, "vocab_size": pieces}))
+  with pytest.raises(export.ExportError, match=re.escape(
+      f"tokenizer.model: {pieces} pieces, more than model_config.json text.vocab_size {pieces - 1}")):
+    export.load(export_dir)
+
+
 def test_bfloat16_parameters_round_trip_without_pickle(tmp_path, trained):
   params = {"a/kernel": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)}
   export.write({k: np.asarray(v) for k, v in params.items()}, trained["config"].model,
