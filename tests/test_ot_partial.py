@@ -412,13 +412,14 @@ def test_plan_class_purity_by_construction():
   assert out["transport/plan_class_purity"] < 0.15 and out["transport/nearest_class_purity"] == 0.0
 
 
-def test_evaluator_reports_seen_and_unseen_keys(built):
+def test_evaluator_reports_seen_and_unseen_keys(built, monkeypatch):
   data_dir, _, tok = built
   c = _data_config(data_dir)
   model, _ = train.create_model_and_optimizer(c, sharding.make_mesh(c))
   data = pipeline.eval_arrays(c, tok, "test", data_dir=data_dir)
   assert set(UNSEEN) & set(data["labels"]) and set(data["labels"]) - set(UNSEEN)
-  out = evaluator.Evaluator(c, data, pipeline.class_names(c, data_dir), tok).run(model)
+  ev = evaluator.Evaluator(c, data, pipeline.class_names(c, data_dir), tok)
+  out = ev.run(model)
   for key in ("zeroshot/accuracy", "zeroshot/seen_accuracy", "zeroshot/unseen_accuracy",
               "zeroshot/harmonic_mean", "retrieval/i2t_r1", "retrieval/seen_i2t_r1",
               "retrieval/seen_t2i_r1", "retrieval/unseen_i2t_r1", "retrieval/unseen_t2i_r1",
@@ -428,3 +429,23 @@ def test_evaluator_reports_seen_and_unseen_keys(built):
   overall = (unseen.mean() * out["zeroshot/unseen_accuracy"]
              + (1 - unseen.mean()) * out["zeroshot/seen_accuracy"])
   assert overall == pytest.approx(out["zeroshot/accuracy"])
+  # The same evaluator on constructed embeddings (the model's, untrained, sit
+  # near chance): image i is e_i; every caption of a seen-class image is e_i,
+  # of an unseen-class image -e_i. A seen image's own captions score 1 and all
+  # others <= 0, so it and they retrieve each other; an unseen image's own
+  # captions score -1 and all others >= 0, so it and they always miss. The
+  # groups must follow each row's label, for images and for all C captions.
+  num, num_captions = data["tokens"].shape[:2]
+  assert data["captioned"].all() and num_captions > 1
+  image_emb = np.eye(num, dtype=np.float32)
+  sign = np.where(unseen, -1.0, 1.0).astype(np.float32)
+  caption_emb = np.repeat((sign[:, None] * image_emb)[:, None], num_captions, axis=1)  # [E, C, E]
+  prompt_emb = np.ones((ev.num_classes, ev.num_templates, num), np.float32) / np.sqrt(num)
+  monkeypatch.setattr(ev, "embed", lambda model: dict(image=image_emb, caption=caption_emb,
+                                                      prompt=prompt_emb))
+  out = ev.run(None)
+  assert {k: out[f"retrieval/{k}"] for k in ("seen_i2t_r1", "seen_t2i_r1", "unseen_i2t_r1",
+                                             "unseen_t2i_r1")} == {
+      "seen_i2t_r1": 1.0, "seen_t2i_r1": 1.0, "unseen_i2t_r1": 0.0, "unseen_t2i_r1": 0.0}
+  for direction in ("i2t", "t2i"):
+    assert out[f"retrieval/{direction}_r1"] == pytest.approx(1 - unseen.mean()), direction
