@@ -122,6 +122,9 @@ def write(params: dict, model_config: ml_collections.ConfigDict, tokenizer_path:
     vocab_size = Tokenizer(tokenizer_bytes).vocab_size
   except RuntimeError as e:
     raise ValueError(f"cannot export: {tokenizer_path} is not a sentencepiece model ({e})") from e
+  if vocab_size > model_config.text.vocab_size:  # load would refuse it: ids past the table embed as NaN
+    raise ValueError(f"cannot export: {tokenizer_path} has {vocab_size} pieces, more than "
+                     f"model.text.vocab_size {model_config.text.vocab_size}")
   export_dir = _path(export_dir)
   tmp = export_dir.parent / f"{export_dir.name}.tmp-{os.getpid()}"
   if tmp.exists():

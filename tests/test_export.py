@@ -301,6 +301,19 @@ def test_a_tokenizer_with_more_pieces_than_the_text_vocab_is_refused(tmp_path):
     export.load(export_dir)
 
 
+def test_write_refuses_a_tokenizer_with_more_pieces_than_the_text_vocab(tmp_path):
+  """Rather than write an export that load refuses; nothing is left behind."""
+  texts = [f"a red circle number {i}" for i in range(30)]
+  pieces = tokenizer_lib.train_tokenizer(texts, str(tmp_path / "tok.model"), 64).vocab_size
+  config = data_helpers.micro_config()
+  config.model.text.vocab_size = pieces - 1
+  with pytest.raises(ValueError, match=re.escape(
+      f"tok.model has {pieces} pieces, more than model.text.vocab_size {pieces - 1}")):
+    export.write(_micro_params(config), config.model, str(tmp_path / "tok.model"),
+                 str(tmp_path / "export"), step=0)
+  assert sorted(os.listdir(tmp_path)) == ["tok.model"]
+
+
 def test_bfloat16_parameters_round_trip_without_pickle(tmp_path, trained):
   params = {"a/kernel": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)}
   export.write({k: np.asarray(v) for k, v in params.items()}, trained["config"].model,
