@@ -222,6 +222,22 @@ def test_resume_with_grain_workers_restarts_the_data_stream_instead_of_crashing(
       it.close()
 
 
+def test_a_checkpoint_of_another_model_shape_is_refused_naming_the_field(tiny_reference_run):
+  """Restoring onto a model with half the embedding width fails before
+  orbax reads anything, naming the arrays and the config field that differ."""
+  from ito_jax import sharding, train
+
+  ref = tiny_reference_run
+  config = tiny_run.config(ref["data_dir"])
+  config.model.embed_dim //= 2
+  mesh = sharding.make_mesh(config)
+  _, abstract = train.abstract_model_and_optimizer(config, mesh)
+  ckpt = checkpoint.Checkpointer(ref["workdir"], config, read_only=True)
+  with pytest.raises(ValueError, match=r"does not fit this run's model .*arrays differ.*"
+                     r"Config fields that differ: model\.embed_dim \(checkpoint 32, now 16\)\."):
+    ckpt.restore(abstract)
+
+
 def test_total_steps_below_the_latest_checkpoint_is_refused(tiny_reference_run, tmp_path):
   """Otherwise the run trains nothing and exports the later checkpoint's
   model labelled with the smaller total_steps. The refusal leaves the
