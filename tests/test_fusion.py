@@ -49,6 +49,36 @@ def batch():
 # ---------------------------------------------------------------- head --------
 
 
+def _zero(linear):
+  linear.kernel[...] = jnp.zeros_like(linear.kernel[...])
+  linear.bias[...] = jnp.zeros_like(linear.bias[...])
+
+
+def test_cross_block_residuals_and_image_norm():
+  """CrossAttentionBlock adds its branches to the text stream: with
+  attention.out and mlp_out zeroed it returns the text unchanged. The image
+  is read through norm_image, so scaling it by 4 changes nothing, while a
+  different image does change the output."""
+  from ito_jax.models.fusion import CrossAttentionBlock
+
+  def block():
+    with nnx.use_eager_sharding(False):
+      return CrossAttentionBlock(width=W, num_heads=4, mlp_ratio=2.0, dtype=jnp.float32,
+                                 param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+  rng = np.random.default_rng(1)
+  text = jnp.asarray(rng.normal(size=(2, T, W)), jnp.float32)  # [batch, text tokens, width]
+  image = jnp.asarray(rng.normal(size=(2, P, W)), jnp.float32)  # [batch, patches, width]
+  off = block()
+  _zero(off.attention.out)
+  _zero(off.mlp_out)
+  np.testing.assert_allclose(off(text, image), text, atol=1e-6)
+  b = block()
+  out = b(text, image)
+  assert float(jnp.abs(out - b(text, image[:, ::-1] ** 2)).max()) > 1e-3
+  np.testing.assert_allclose(b(text, 4.0 * image), out, atol=1e-4)
+
+
 def test_output_shapes_and_unit_anchor(head, batch):
   text, mask, image, _ = batch
   fused = fuse(head, text, mask, image)

@@ -43,16 +43,93 @@ def test_encoders_return_unit_embeddings_and_tokens(model):
 
 
 def test_padding_does_not_change_text_embedding(model):
-  """Tokens after EOS are padding: whatever sits there must not matter."""
-  a = jnp.array([[5, 6, 7, 2] + [0] * 12], jnp.int32)
-  b = a.at[0, 4:].set(0)  # same
-  emb_a = model.encode_text(a)
-  longer = jnp.array([[5, 6, 7, 2, 0, 0] + [0] * 10], jnp.int32)
-  np.testing.assert_allclose(model.encode_text(longer), emb_a, atol=1e-6)
-  # A different real token does change it (the test above is not vacuous).
-  c = a.at[0, 1].set(9)
-  assert float(jnp.abs(model.encode_text(c) - emb_a).max()) > 1e-4
-  del b
+  """Tokens after EOS are padding and masked out of attention, so the same
+  caption unpadded, padded to 8 and padded to 16 embeds identically (an
+  unmasked Block would let the real tokens attend to the pads)."""
+  exact = jnp.array([[5, 6, 7, 2]], jnp.int32)  # no padding at all
+  want = model.encode_text(exact)
+  for length in (8, 16):
+    padded = jnp.array([[5, 6, 7, 2] + [0] * (length - 4)], jnp.int32)
+    np.testing.assert_allclose(model.encode_text(padded), want, atol=1e-5)
+  # A different real token does change it (the comparison is not vacuous).
+  other = jnp.array([[5, 9, 7, 2]], jnp.int32)
+  assert float(jnp.abs(model.encode_text(other) - want).max()) > 1e-4
+
+
+def test_text_pooled_is_the_eos_token(model):
+  """The text tower pools the token at the last real position (EOS, index
+  length - 1), not the first or the last of the padded row."""
+  tokens = jnp.array([[5, 6, 7, 2] + [0] * 12, [9, 2] + [0] * 14, [4] * 15 + [2]], jnp.int32)
+  pooled, x, _ = model.text_tower(tokens)
+  np.testing.assert_array_equal(pooled, x[np.arange(3), np.array([3, 1, 15])])
+
+
+def test_text_word_order_matters(model):
+  """Swapping two words changes the embedding: the position embedding is
+  added (without it the masked encoder is permutation-invariant up to EOS)."""
+  a = model.encode_text(jnp.array([[5, 6, 7, 2] + [0] * 12], jnp.int32))
+  b = model.encode_text(jnp.array([[6, 5, 7, 2] + [0] * 12], jnp.int32))
+  assert float(jnp.abs(a - b).max()) > 1e-4
+
+
+def test_image_pooled_is_the_token_mean(model):
+  """The image tower pools by global average over patch tokens (GAP)."""
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  pooled, tokens = model.image_tower(images)
+  np.testing.assert_allclose(pooled, tokens.mean(axis=1), atol=1e-6)
+
+
+def test_image_patch_order_matters(model):
+  """Swapping two patches changes the embedding: GAP over tokens is
+  permutation-invariant, so only the position embedding can tell them apart."""
+  p = model.image_tower.patch_size
+  images = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3), minval=-1, maxval=1)
+  swapped = images.at[:, :p, :p].set(images[:, :p, p:2 * p]).at[:, :p, p:2 * p].set(images[:, :p, :p])
+  d = float(jnp.abs(model.encode_image(images) - model.encode_image(swapped)).max())
+  assert d > 1e-4, d
+
+
+def _zero(linear):
+  linear.kernel[...] = jnp.zeros_like(linear.kernel[...])
+  linear.bias[...] = jnp.zeros_like(linear.bias[...])
+
+
+def test_block_is_pre_ln_residual():
+  """Block is x + attn(LN(x)) then x + mlp(LN(x)). With both branch outputs
+  zeroed it is the identity (residuals kept); with one zeroed, the other reads
+  LN(3x) == LN(x), so block(3x) - 3x == block(x) - x (the norm is applied)."""
+  from ito_jax.models.transformer import Block, EncoderSpec
+
+  def block():
+    with nnx.use_eager_sharding(False):
+      return Block(EncoderSpec(width=32, depth=1, num_heads=4), rngs=nnx.Rngs(0))
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 32)), jnp.float32)  # [batch, length, width]
+  mask = jnp.ones((2, 5), bool)
+  both = block()
+  _zero(both.attn.out)
+  _zero(both.mlp.fc2)
+  np.testing.assert_allclose(both(x, mask), x, atol=1e-6)
+  for off in ("mlp", "attn"):
+    b = block()
+    _zero(b.mlp.fc2 if off == "mlp" else b.attn.out)
+    delta = lambda s: b(s * x, mask) - s * x
+    assert float(jnp.abs(delta(1.0)).max()) > 1e-3, off
+    np.testing.assert_allclose(delta(3.0), delta(1.0), atol=1e-4, err_msg=off)
+
+
+def test_projections_belong_to_their_tower():
+  """image_proj feeds only encode_image and text_proj only encode_text:
+  randomising image_proj leaves text embeddings bit-identical."""
+  m = build(tiny_model_config())
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  tokens = jnp.array([[5, 6, 7, 2] + [0] * 12, [9, 2] + [0] * 14], jnp.int32)
+  img, txt = m.encode_image(images), m.encode_text(tokens)
+  m.image_proj.kernel[...] = jax.random.normal(jax.random.key(1), m.image_proj.kernel[...].shape)
+  np.testing.assert_array_equal(m.encode_text(tokens), txt)
+  assert float(jnp.abs(m.encode_image(images) - img).max()) > 1e-3
+  m.text_proj.kernel[...] = jax.random.normal(jax.random.key(2), m.text_proj.kernel[...].shape)
+  assert float(jnp.abs(m.encode_text(tokens) - txt).max()) > 1e-3
 
 
 def test_every_matrix_parameter_has_logical_axes(model):
