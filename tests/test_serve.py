@@ -290,19 +290,74 @@ def test_malformed_request_gets_4xx_and_server_stays_up(server, case):
   assert status == 200 and health["status"] == "ok"
 
 
-@pytest.fixture(scope="module")
-def modelless_server():
-  """A server over a stand-in embedder: request handling without a trained model."""
+def _stand_in(fail=False):
+  """A stand-in embedder: request handling without a trained model."""
   import types  # pylint: disable=g-import-not-at-top
-  fake = types.SimpleNamespace(
+
+  def embed(rows):
+    if fail:
+      raise RuntimeError("device lost")
+    return np.ones((len(rows), 2), np.float32)
+
+  return types.SimpleNamespace(
       max_batch=4, embed_dim=2, image_size=8, preprocess_image=_preprocessing_only(8).preprocess_image,
       tokenize=lambda texts: np.zeros((len(texts), 4), np.int32),
-      embed_tokens=lambda tokens: np.ones((len(tokens), 2), np.float32),
-      embed_preprocessed_images=lambda images: np.ones((len(images), 2), np.float32))
-  srv = serve_http.start(fake, port=0, limits=LIMITS)
+      embed_tokens=embed, embed_preprocessed_images=embed)
+
+
+@pytest.fixture(scope="module")
+def modelless_server():
+  srv = serve_http.start(_stand_in(), port=0, limits=LIMITS)
   yield srv
   srv.shutdown()
   srv.server_close()
+
+
+def test_model_failure_is_500_and_unknown_path_404():
+  """A failing model is the server's fault (500 naming the exception), not the
+  client's; an unknown GET path is 404; the server keeps answering."""
+  srv = serve_http.start(_stand_in(fail=True), port=0, limits=LIMITS)
+  try:
+    status, reply = post_json(srv, "/embed/text", {"texts": ["a red circle"]})
+    assert status == 500 and "RuntimeError: device lost" in reply["error"], (status, reply)
+    status, reply = request(srv, "GET", "/metrics")
+    assert status == 404 and "no such path" in reply["error"], (status, reply)
+    assert request(srv, "GET", "/health")[0] == 200
+  finally:
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_batcher_never_runs_more_than_max_batch_rows():
+  """Six concurrent 3-row jobs with max_batch=4: two jobs (6 rows) must never
+  share a pass, and each job gets back its own rows."""
+  seen = []
+
+  def double(x):
+    seen.append(len(x))
+    return x * 2
+
+  batcher = serve_http.Batcher(double, max_batch=4, max_wait_ms=200)
+  out = [None] * 6
+
+  def client(i):
+    out[i] = batcher.submit(np.full((3, 1), i, np.float32))
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(30)
+  batcher.close()
+  assert max(seen) <= 4 and batcher.largest_batch <= 4, seen
+  for i in range(6):
+    np.testing.assert_array_equal(out[i], np.full((3, 1), 2 * i))
+
+
+def test_float_images_below_minus_one_are_refused():
+  """Preprocessed float images must lie in [-1, 1] on both sides: -3.0 is refused."""
+  with pytest.raises(serve.InputError, match="must lie in"):
+    _preprocessing_only(8).preprocess_image(np.full((8, 8, 3), -3.0, np.float32))
 
 
 @pytest.mark.parametrize("body, message", [
