@@ -257,6 +257,38 @@ def test_captions_that_are_not_strings_are_dropped_and_counted(tmp_path):
   assert m['bad'] == {} and m['repaired'] == {'dropped_non_string_caption': 3}
 
 
+def test_malformed_caption_rows_are_counted_as_read_and_bad(tmp_path):
+  """A torn JSON line and a line that is a JSON list are each one row read and
+  one 'malformed_row', named by file and line; the good rows still convert."""
+  os.makedirs(tmp_path / 'in')
+  for i, e in enumerate(h.shapes_examples(2)):
+    (tmp_path / 'in' / f'{i}.png').write_bytes(e['image'])
+  (tmp_path / 'in' / 'captions.jsonl').write_text(
+      json.dumps({'image': '0.png', 'caption': 'a red circle'}) + '\n'
+      + '{"image": "1.png", "caption": \n'  # line 2: torn JSON
+      + '["not", "an", "object"]\n'  # line 3: not an object
+      + json.dumps({'image': '1.png', 'caption': 'a blue square'}) + '\n')
+  m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
+  assert m['num_records'] == 2 and m['num_read'] == 4
+  assert m['bad'] == {'malformed_row': 2}
+  assert m['bad_examples']['malformed_row'] == ['captions.jsonl:2', 'captions.jsonl:3']
+
+
+def test_sample_captions_spread_over_the_source():
+  """Tokenizer training samples captions evenly over the whole source
+  (records 0, 33, 66, 99 of 100), not its first records."""
+
+  class Source:
+
+    def __len__(self):
+      return 100
+
+    def __getitem__(self, i):
+      return records.RawRecord(id=str(i), image=b'', captions=[f'caption {i}'.encode()])
+
+  assert sources.sample_captions(Source(), 4) == ['caption 0', 'caption 33', 'caption 66', 'caption 99']
+
+
 def test_parallel_resume_and_refusal(inputs, tmp_path):
   root, _, _ = inputs
   out = str(tmp_path / 'out')
