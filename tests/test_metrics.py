@@ -140,6 +140,10 @@ def test_embeddings_limit_zero_keeps_the_whole_split():
   pairs = embeddings.compute(model, {**data, "captioned": captioned}, batch_size=4, limit=3)
   np.testing.assert_array_equal(pairs["labels"], [0, 2, 3])
   np.testing.assert_allclose(pairs["image"], every["image"][[0, 2, 3]], atol=1e-6)
+  # ...and the text rows are the first captions of those same kept images.
+  from ito_jax.evaluate.evaluator import _embed_texts
+  want = np.asarray(_embed_texts(model, data["tokens"][[0, 2, 3], 0]))
+  np.testing.assert_allclose(pairs["text"], want, atol=1e-6)
 
 
 def test_embeddings_load_names_what_is_wrong(tmp_path):

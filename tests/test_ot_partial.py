@@ -412,6 +412,19 @@ def test_plan_class_purity_by_construction():
   assert out["transport/plan_class_purity"] < 0.15 and out["transport/nearest_class_purity"] == 0.0
 
 
+def test_plan_class_purity_halves_hold_no_true_pair():
+  """Caption i is image i's own embedding, 200 random directions, 10 labels.
+  The purity halves are disjoint, so no image meets its own caption and both
+  figures stay near chance (1/10); halves sharing rows would score 1.0."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 200)
+  emb = rng.normal(size=(200, 64)).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  out = transport.plan_class_purity(emb, emb, labels, ot_lib.default_config())
+  assert out["transport/nearest_class_purity"] < 0.3, out
+  assert out["transport/plan_class_purity"] < 0.3, out
+
+
 def test_evaluator_reports_seen_and_unseen_keys(built, monkeypatch):
   data_dir, _, tok = built
   c = _data_config(data_dir)
