@@ -35,6 +35,26 @@ def test_forward_parts_by_hand():
   assert flops.forward_flops_per_example(c)["image_encoder"] == 2 * parts["image_encoder"]
 
 
+def test_views_multiply_their_parts():
+  """N text views embed N captions per example: text encoder and text
+  projection N times, logits a row of the [B, B·N] matrix; V unaligned views
+  embed V times the unaligned batch."""
+  c = tiny()
+  c.loss.num_text_views = 2
+  parts = flops.forward_flops_per_example(c)
+  # One text view, L=16, W=64, F=256, two blocks:
+  # 2 * (8*16*64^2 + 4*16^2*64 + 4*16*64*256) = 2 * (524288 + 65536 + 1048576)
+  assert parts["text_encoder"] == 2 * 3_276_800
+  assert parts["logits"] == 2 * 8 * 2 * 32  # [B=8] x [N=2] columns of dim 32, 2 FLOPs each
+  assert parts["projections"] == 2 * 32 * (64 + 2 * 64)  # one image view, two text views
+  c = tiny()
+  c.partial.enabled = True
+  c.partial.unaligned_batch_size, c.partial.unaligned_views = 16, 1
+  one = flops.forward_flops_per_example(c)["unaligned_towers"]
+  c.partial.unaligned_views = 3
+  assert flops.forward_flops_per_example(c)["unaligned_towers"] == 3 * one
+
+
 def test_conv_stem_flops_by_hand():
   c = tiny()
   c.model.image.stem = "conv"  # 32 px, patch 8: 3 -> 8 (16x16), 8 -> 16 (8x8), 16 -> 32 (4x4), 1x1 32 -> 64
