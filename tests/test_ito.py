@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import ito_tiny_cpu
+from configs import common, ito_tiny_cpu
 from ito_jax import objective
 from ito_jax.ablate import TABLE_KEYS, VARIANTS, markdown_table, over_seeds, variant_config
 from ito_jax.losses import fusion as fusion_losses
@@ -123,6 +123,20 @@ def test_ablation_variants_switch_the_right_mechanisms(config):
   assert fusion == {"baseline": False, "multi_align": False, "fusion": True, "ito": True}
   for v, c in got.items():
     assert (c.total_steps, c.seed, c.data.num_train) == (config.total_steps, config.seed, config.data.num_train)
+    common.validate(c)  # every variant is a runnable config
+
+
+def test_finished_refuses_a_run_of_another_config(tmp_path):
+  """A finished run is reused only if its saved config is this variant's:
+  one with optim.learning_rate halved is refused, naming the field."""
+  from ito_jax import ablate
+  c = ito_tiny_cpu.get_config("runlocal")
+  (tmp_path / "eval.json").write_text("{}")
+  (tmp_path / "config.json").write_text(c.to_json_best_effort())
+  assert ablate.finished(str(tmp_path), c)
+  c.optim.learning_rate *= 0.5
+  with pytest.raises(ValueError, match=r"finished earlier with another config \(optim.learning_rate differ\)"):
+    ablate.finished(str(tmp_path), c)
 
 
 def test_ablation_over_seeds_reports_mean_and_spread():

@@ -12,6 +12,7 @@ from ito_jax.data import partial, records
     ("partial.aligned_fraction", 1.5, "config.partial.aligned_fraction: must lie in (0, 1)"),
     ("partial.unseen_classes", (3, 99), "config.partial.unseen_classes: must be class ids in [0, 30)"),
     ("partial.unseen_classes", (3, 3), "config.partial.unseen_classes: has repeated ids"),
+    ("partial.unseen_classes", tuple(range(30)), "config.partial.unseen_classes: leaves no seen class"),
     ("partial.unaligned_batch_size", 0, "config.partial.unaligned_batch_size: must be a positive"),
     ("loss.ot_weight", -1.0, "config.loss.ot_weight: must be finite and >= 0"),
     ("loss.ot_weight", float("inf"), "config.loss.ot_weight: must be finite and >= 0, got inf"),
