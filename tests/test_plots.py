@@ -50,6 +50,19 @@ def test_pca_2d_puts_a_modality_gap_on_the_first_axis():
   assert projected_gap == pytest.approx(np.linalg.norm(image.mean(0) - text.mean(0)), rel=0.02)
 
 
+def test_pca_2d_centres_before_finding_axes():
+  """Embeddings in a narrow cone (a large shared offset 5 e0, as CLIP's are)
+  with a gap of +-1.5 e1: after centring, the gap, not the offset, is PC 1,
+  so the modalities fall on opposite signs of it."""
+  rng = np.random.default_rng(1)
+  e = np.eye(32)
+  image = unit(5 * e[0] + 1.5 * e[1] + rng.normal(size=(50, 32)) * 0.3)
+  text = unit(5 * e[0] - 1.5 * e[1] + rng.normal(size=(50, 32)) * 0.3)
+  image_xy, text_xy = plots.pca_2d(image, text)
+  side = np.sign(image_xy[0, 0])
+  assert np.all(np.sign(image_xy[:, 0]) == side) and np.all(np.sign(text_xy[:, 0]) == -side)
+
+
 def test_pca_2d_names_bad_shapes():
   with pytest.raises(ValueError, match=r"\(4, 3\) and \(4, 5\)"):
     plots.pca_2d(np.ones((4, 3)), np.ones((4, 5)))

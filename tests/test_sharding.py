@@ -150,6 +150,18 @@ def test_parameter_not_divisible_by_its_mesh_axis(field, value, mesh_shape, matc
   sharding.check_divisible(tiny_config("ito"), mesh)  # the unchanged config fits
 
 
+def test_a_dimension_split_over_two_mesh_axes_must_divide_their_product():
+  """A rule mlp -> (fsdp, tensor) shards the MLP dimension fsdp x tensor ways:
+  mlp 20 divides fsdp=4 alone but not 4 x 2, and the error names both."""
+  config = tiny_config("softmax")
+  config.logical_axis_rules = tuple((k, ("fsdp", "tensor")) if k == "mlp" else (k, v)
+                                    for k, v in config.logical_axis_rules)
+  config.model.image.mlp_ratio = 1.25  # image width 16 -> mlp 20
+  mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)
+  with pytest.raises(ValueError, match=r"size 20 .*config.mesh.fsdp=4 x config.mesh.tensor=2"):
+    sharding.check_divisible(config, mesh)
+
+
 def test_distributed_start_up_decisions(monkeypatch):
   for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
               "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "SLURM_JOB_ID",
@@ -169,6 +181,10 @@ def test_distributed_start_up_decisions(monkeypatch):
     monkeypatch.setenv(var, value)
   assert distributed.multi_process_environment() is None
   monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu01")  # inside `srun`: four tasks
+  assert distributed.multi_process_environment() == "Slurm"
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task srun step is still one process
+  assert distributed.multi_process_environment() is None
+  monkeypatch.setenv("SLURM_NTASKS", "2")
   assert distributed.multi_process_environment() == "Slurm"
   for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST"):
     monkeypatch.delenv(var)
