@@ -29,3 +29,18 @@ def tiny_reference_run(tmp_path_factory, request):
                     tiny_run.env(run["cache_dir"]), run["log"])
   assert rc == 0, open(run["log"]).read()[-3000:]
   return run
+
+
+@pytest.fixture(scope="session")
+def partial_data(tmp_path_factory):
+  """A small ito_shapes build (300 train, 40 eval) and its tokenizer, shared
+  by the partially aligned tests (partial_helpers.data_config reads it):
+  (data_dir, builder, tokenizer)."""
+  from ito_jax.data import synthetic
+  from ito_jax.data import tokenizer as tokenizer_lib
+
+  data_dir = str(tmp_path_factory.mktemp("partial_data"))
+  builder = synthetic.prepare(data_dir, num_train=300, num_eval=40, seed=0)
+  tok = tokenizer_lib.train_tokenizer(synthetic.train_captions(builder),
+                                      os.path.join(data_dir, "tok.model"), 128)
+  return data_dir, builder, tok

@@ -26,6 +26,13 @@ def micro_config(**overrides):
   return c
 
 
+def data_config(data_dir, **overrides):
+  """micro_config reading the `partial_data` fixture's built data set."""
+  return micro_config(**{"data.data_dir": data_dir, "data.num_train": 300, "data.num_eval": 40,
+                         "data.word_dropout": 0.0, "partial.aligned_fraction": 0.2,
+                         "eval.batch_size": 40, **overrides})
+
+
 def run_step(step_fn, state, batch):
   """One step from a copy of `state` (the step donates its input)."""
   return step_fn(jax.tree.map(jnp.copy, state), batch)

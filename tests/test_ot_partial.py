@@ -1,8 +1,7 @@
 """Partially aligned mode (issue 4): the data split, R_ot in the jitted train
-step, generalised zero-shot evaluation and config checks (the plan contrast:
-test_ot_plan_contrast.py; the comparison command: test_ot_compare.py)."""
-
-import os
+step and its bad-input counts (evaluation: test_ot_partial_eval.py; config
+checks: test_ot_config.py; the plan contrast: test_ot_plan_contrast.py; the
+comparison command: test_ot_compare.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +12,11 @@ from flax import nnx
 from configs import common, ot_sections
 from ito_jax import bench, objective, objective_ot, sharding, train
 from ito_jax import metrics as metrics_lib
-from ito_jax.data import partial, pipeline, synthetic
-from ito_jax.data import tokenizer as tokenizer_lib
-from ito_jax.evaluate import evaluator, retrieval, transport, zeroshot
+from ito_jax.data import partial, pipeline
+from ito_jax.evaluate import evaluator
 from ito_jax.losses import ot as ot_lib
 
-from partial_helpers import UNSEEN, micro_config, params as _params, run_step as _run
+from partial_helpers import UNSEEN, data_config, micro_config, params as _params, run_step as _run
 
 
 # ---- split ---------------------------------------------------------------------
@@ -51,24 +49,9 @@ def test_split_rejects_too_few_seen_samples():
     partial.split_indices(labels, 0.2, (0,), seed=0)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("data"))
-  builder = synthetic.prepare(data_dir, num_train=300, num_eval=40, seed=0)
-  tok = tokenizer_lib.train_tokenizer(synthetic.train_captions(builder),
-                                      os.path.join(data_dir, "tok.model"), 128)
-  return data_dir, builder, tok
-
-
-def _data_config(data_dir, **kw):
-  return micro_config(**{"data.data_dir": data_dir, "data.num_train": 300, "data.num_eval": 40,
-                         "data.word_dropout": 0.0, "partial.aligned_fraction": 0.2,
-                         "eval.batch_size": 40, **kw})
-
-
-def test_partial_pipeline_batches_come_from_their_pools(built):
-  data_dir, builder, tok = built
-  c = _data_config(data_dir)
+def test_partial_pipeline_batches_come_from_their_pools(partial_data):
+  data_dir, builder, tok = partial_data
+  c = data_config(data_dir)
   source = partial.train_source(c)
   split = partial.split_for(c, source)
   captions = [cap.decode() for i in split.unaligned_texts for cap in source[int(i)].captions]
@@ -97,9 +80,9 @@ def test_partial_pipeline_batches_come_from_their_pools(built):
   assert all(np.array_equal(expected[k], got[k]) for k in expected)
 
 
-def test_subset_reads_the_indexed_records(built):
-  data_dir, _, _ = built
-  source = partial.train_source(_data_config(data_dir))
+def test_subset_reads_the_indexed_records(partial_data):
+  data_dir, _, _ = partial_data
+  source = partial.train_source(data_config(data_dir))
   sub = partial.Subset(source, np.array([5, 17, 2]))
   ids = [sub[i].id for i in range(3)]
   assert len(sub) == 3 and ids == [source[5].id, source[17].id, source[2].id]
@@ -288,10 +271,10 @@ def test_bad_input_counts_are_summed_between_log_lines():
 
 
 @pytest.mark.slow
-def test_training_logs_counts_of_the_steps_between_log_lines(built, tmp_path, monkeypatch):
+def test_training_logs_counts_of_the_steps_between_log_lines(partial_data, tmp_path, monkeypatch):
   """End to end: a step that counts one unconverged solve, logged every
   second step, shows 2 on each log line."""
-  data_dir, _, _ = built
+  data_dir, _, _ = partial_data
   real = train.make_train_step
 
   def counting(*args, **kwargs):
@@ -302,7 +285,7 @@ def test_training_logs_counts_of_the_steps_between_log_lines(built, tmp_path, mo
     return counted
 
   monkeypatch.setattr(train, "make_train_step", counting)
-  c = _data_config(data_dir, **{"total_steps": 4, "log_every_steps": 2, "eval_every_steps": 4})
+  c = data_config(data_dir, **{"total_steps": 4, "log_every_steps": 2, "eval_every_steps": 4})
   train.train_and_evaluate(c, str(tmp_path))
   lines = [r for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
   assert [(r["step"], r["ot/unconverged"]) for r in lines] == [(2, 2.0), (4, 2.0)]
@@ -336,129 +319,3 @@ def test_debias_turns_w_eps_into_sinkhorn_divergences(variant):
     np.testing.assert_allclose(f["r_same"] - f["terms_same"], f["wxx"] / 2, rtol=1e-2)  # the constant W(nu, nu)/2
   # Plain W_eps of a cloud with itself is far from 0: it rewards shrinking.
   assert f["wxx"] > 0.1
-
-
-# ---- evaluation ------------------------------------------------------------------
-
-
-def test_generalised_zero_shot_accuracy_by_hand():
-  class_emb = np.eye(4, dtype=np.float32)  # classes 0..3; class 3 unseen
-  labels = np.array([0, 1, 2, 3, 3, 3])
-  predicted = np.array([0, 1, 0, 3, 3, 1])  # seen: 2/3 right; unseen: 2/3 right
-  image_emb = class_emb[predicted]
-  out = zeroshot.accuracy_by_group(image_emb, class_emb, labels, (3,))
-  assert out["zeroshot/seen_accuracy"] == pytest.approx(2 / 3)
-  assert out["zeroshot/unseen_accuracy"] == pytest.approx(2 / 3)
-  assert out["zeroshot/harmonic_mean"] == pytest.approx(2 / 3)
-  out = zeroshot.accuracy_by_group(image_emb, class_emb, labels, (0,))  # seen 3/5, unseen 1/1
-  assert out["zeroshot/seen_accuracy"] == pytest.approx(3 / 5)
-  assert out["zeroshot/harmonic_mean"] == pytest.approx(2 * 0.6 / 1.6)
-
-
-def test_retrieval_by_group_by_hand():
-  # 3 images, 1 caption each; class 7 (images/captions 1 and 2) is unseen.
-  image_emb = np.eye(3, dtype=np.float32)
-  caption_emb = np.array([[[1, 0, 0]], [[0, 0.6, 0.8]], [[0, 0.3, 0.95]]], np.float32)
-  labels = np.array([5, 7, 7])
-  out = retrieval.recall_by_group(image_emb, caption_emb, labels, (7,))
-  # i2t: image 0 -> caption 0; image 1 -> caption 1 (.6 > .3); image 2 -> caption 2 (.95 > .8): all hit.
-  # t2i: caption 0 -> image 0 (hit); caption 1 -> image 2 (.8 > .6, miss); caption 2 -> image 2 (hit).
-  assert out == {"retrieval/seen_i2t_r1": 1.0, "retrieval/seen_t2i_r1": 1.0,
-                 "retrieval/unseen_i2t_r1": 1.0, "retrieval/unseen_t2i_r1": 0.5}
-
-
-def test_class_embeddings_renormalise_the_prompt_mean():
-  # Class 0's two prompts agree (mean e0, norm 1); class 1's are at +-60
-  # degrees around e1 (mean 0.5 e1). An image at (0.6, 0.8) is nearer class
-  # 1's direction (cosine 0.8 > 0.6), but the raw mean scores it 0.4 < 0.6:
-  # only the renormalised mean puts it in class 1.
-  spread = np.sqrt(0.75)
-  prompts = np.array([[[1, 0], [1, 0]], [[spread, 0.5], [-spread, 0.5]]], np.float32)
-  class_emb = zeroshot.class_embeddings(prompts)
-  np.testing.assert_allclose(class_emb, np.eye(2), atol=1e-6)
-  out = zeroshot.accuracy(np.array([[0.6, 0.8]], np.float32), class_emb, np.array([1]))
-  assert out == {"zeroshot/accuracy": 1.0, "zeroshot/chance": 0.5}
-
-
-def test_retrieval_by_group_with_several_captions_per_image_by_hand():
-  # Image 0 (class 0, seen) has captions e0 and (0.6, 0.8); image 1 (class 1,
-  # unseen) has e1 twice. Flattened, captions 0-1 are image 0's, 2-3 image 1's.
-  # t2i: caption 0 -> image 0 (hit); caption 1 -> image 1 (0.8 > 0.6, miss);
-  # captions 2, 3 -> image 1 (hits). Seen captions {0, 1}: 1/2; unseen {2, 3}: 1.
-  # i2t: each image's own e_i caption is its nearest, so both hit.
-  image_emb = np.eye(2, dtype=np.float32)
-  caption_emb = np.array([[[1, 0], [0.6, 0.8]], [[0, 1], [0, 1]]], np.float32)
-  out = retrieval.recall_by_group(image_emb, caption_emb, np.array([0, 1]), (1,))
-  assert out == {"retrieval/seen_i2t_r1": 1.0, "retrieval/seen_t2i_r1": 0.5,
-                 "retrieval/unseen_i2t_r1": 1.0, "retrieval/unseen_t2i_r1": 1.0}
-
-
-def test_plan_class_purity_by_construction():
-  # Classes 0, 1, 2 at orthogonal directions, 40 examples each and stored
-  # sorted by class, as a converted source with class-prefixed ids would be.
-  # The two halves are drawn at random, so both hold every class: each image's
-  # nearest caption is of its class, and the balanced plan is pure up to the
-  # halves' class imbalance (halves by position, classes 0-1 against 1-2,
-  # would score both at most 1/3). Captions pointing at the next class are never
-  # nearest, and get only the mass that the imbalance forces onto them.
-  labels = np.repeat([0, 1, 2], 40)
-  emb = np.eye(3, dtype=np.float32)[labels]
-  cfg = ot_lib.default_config()
-  out = transport.plan_class_purity(emb, emb, labels, cfg)
-  assert out["transport/nearest_class_purity"] == 1.0
-  assert out["transport/plan_class_purity"] > 0.6
-  elsewhere = np.eye(3, dtype=np.float32)[(labels + 1) % 3]
-  out = transport.plan_class_purity(emb, elsewhere, labels, cfg)
-  assert out["transport/plan_class_purity"] < 0.15 and out["transport/nearest_class_purity"] == 0.0
-
-
-def test_plan_class_purity_halves_hold_no_true_pair():
-  """Caption i is image i's own embedding, 200 random directions, 10 labels.
-  The purity halves are disjoint, so no image meets its own caption and both
-  figures stay near chance (1/10); halves sharing rows would score 1.0."""
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 10, 200)
-  emb = rng.normal(size=(200, 64)).astype(np.float32)
-  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-  out = transport.plan_class_purity(emb, emb, labels, ot_lib.default_config())
-  assert out["transport/nearest_class_purity"] < 0.3, out
-  assert out["transport/plan_class_purity"] < 0.3, out
-
-
-def test_evaluator_reports_seen_and_unseen_keys(built, monkeypatch):
-  data_dir, _, tok = built
-  c = _data_config(data_dir)
-  model, _ = train.create_model_and_optimizer(c, sharding.make_mesh(c))
-  data = pipeline.eval_arrays(c, tok, "test", data_dir=data_dir)
-  assert set(UNSEEN) & set(data["labels"]) and set(data["labels"]) - set(UNSEEN)
-  ev = evaluator.Evaluator(c, data, pipeline.class_names(c, data_dir), tok)
-  out = ev.run(model)
-  for key in ("zeroshot/accuracy", "zeroshot/seen_accuracy", "zeroshot/unseen_accuracy",
-              "zeroshot/harmonic_mean", "retrieval/i2t_r1", "retrieval/seen_i2t_r1",
-              "retrieval/seen_t2i_r1", "retrieval/unseen_i2t_r1", "retrieval/unseen_t2i_r1",
-              "transport/plan_class_purity", "transport/nearest_class_purity"):
-    assert 0.0 <= out[key] <= 1.0, key
-  unseen = np.isin(data["labels"], UNSEEN)
-  overall = (unseen.mean() * out["zeroshot/unseen_accuracy"]
-             + (1 - unseen.mean()) * out["zeroshot/seen_accuracy"])
-  assert overall == pytest.approx(out["zeroshot/accuracy"])
-  # The same evaluator on constructed embeddings (the model's, untrained, sit
-  # near chance): image i is e_i; every caption of a seen-class image is e_i,
-  # of an unseen-class image -e_i. A seen image's own captions score 1 and all
-  # others <= 0, so it and they retrieve each other; an unseen image's own
-  # captions score -1 and all others >= 0, so it and they always miss. The
-  # groups must follow each row's label, for images and for all C captions.
-  num, num_captions = data["tokens"].shape[:2]
-  assert data["captioned"].all() and num_captions > 1
-  image_emb = np.eye(num, dtype=np.float32)
-  sign = np.where(unseen, -1.0, 1.0).astype(np.float32)
-  caption_emb = np.repeat((sign[:, None] * image_emb)[:, None], num_captions, axis=1)  # [E, C, E]
-  prompt_emb = np.ones((ev.num_classes, ev.num_templates, num), np.float32) / np.sqrt(num)
-  monkeypatch.setattr(ev, "embed", lambda model: dict(image=image_emb, caption=caption_emb,
-                                                      prompt=prompt_emb))
-  out = ev.run(None)
-  assert {k: out[f"retrieval/{k}"] for k in ("seen_i2t_r1", "seen_t2i_r1", "unseen_i2t_r1",
-                                             "unseen_t2i_r1")} == {
-      "seen_i2t_r1": 1.0, "seen_t2i_r1": 1.0, "unseen_i2t_r1": 0.0, "unseen_t2i_r1": 0.0}
-  for direction in ("i2t", "t2i"):
-    assert out[f"retrieval/{direction}_r1"] == pytest.approx(1 - unseen.mean()), direction
