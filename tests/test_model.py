@@ -221,3 +221,19 @@ def test_attention_implementations_agree():
     outs[impl] = np.asarray(layer(x, kv_mask=mask))
   np.testing.assert_allclose(outs["einsum"], outs["xla"], rtol=1e-5, atol=1e-5)
   assert not np.allclose(outs["einsum"][1], outs["einsum"][0])  # the mask matters
+
+
+def test_patchify_is_the_patch_convolution():
+  """The ViT computes its patch embedding as a matmul over patches; it must
+  equal the strided convolution its nnx.Conv parameters describe, with a
+  non-zero bias and inputs whose patches all differ."""
+  vit = build(tiny_model_config()).image_tower
+  vit.patch_embed.bias[...] = jax.random.normal(jax.random.key(1), vit.patch_embed.bias.shape)
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  ours = vit.patchify(images)
+  conv = vit.patch_embed(images)  # nnx.Conv: VALID, stride = kernel = patch_size
+  assert ours.shape == conv.shape == (2, 32 // vit.patch_size, 32 // vit.patch_size,
+                                      vit.patch_embed.kernel.shape[-1])
+  np.testing.assert_allclose(ours, conv, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(conv[:, 0, 0] - conv[:, 1, 0]))) > 1e-2  # rows differ
+  assert float(jnp.max(jnp.abs(conv[:, 0, 0] - conv[:, 0, 1]))) > 1e-2  # columns too

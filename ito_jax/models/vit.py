@@ -4,6 +4,7 @@ embedding, encoder, GAP pooling."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ito_jax.models.transformer import Encoder, EncoderSpec, layer_norm, partitioned
@@ -99,8 +100,25 @@ class VisionTransformer(nnx.Module):
 
   def __call__(self, images):
     """images: [batch, H, W, 3] in [-1, 1] -> (pooled [batch, width], tokens [batch, patches, width])."""
-    x = self.patch_embed(images.astype(self.dtype))  # [batch, H/p, W/p, width]
+    x = images.astype(self.dtype)
+    if isinstance(self.patch_embed, ConvStem):
+      x = self.patch_embed(x)  # [batch, H/p, W/p, width]
+    else:
+      x = self.patchify(x)
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, patches, width]
     x = x + self.pos_embedding[...].astype(x.dtype)
     tokens = self.norm(self.encoder(x))
     return tokens.mean(axis=1), tokens
+
+  def patchify(self, x):
+    """`patch_embed`'s convolution (patch_size x patch_size, stride
+    patch_size, VALID) computed as one matmul over the non-overlapping
+    patches: the same parameters and values as calling the nnx.Conv. Its
+    kernel gradient is then a plain matmul; as a strided convolution, XLA's
+    CPU backend compiled it to a kernel that took half the backward pass when
+    the tower runs inside a loop (optim.accumulation_steps)."""
+    conv, p = self.patch_embed, self.patch_size
+    b, height, width, channels = x.shape
+    x = x.reshape(b, height // p, p, width // p, p, channels)
+    x = jnp.einsum("bhiwjc,ijco->bhwo", x, conv.kernel[...].astype(x.dtype))
+    return x + conv.bias[...].astype(x.dtype)  # [batch, H/p, W/p, width]
