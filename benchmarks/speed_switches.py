@@ -4,6 +4,7 @@ time against depth with scanned layers on and off.
   python benchmarks/speed_switches.py                       # bench_s towers, batch 32
   python benchmarks/speed_switches.py --batch_size=128 --rounds=5
   python benchmarks/speed_switches.py --only=compile_depth  # the depth sweep alone
+  python benchmarks/speed_switches.py --only=accumulation   # memory levers: microbatches vs remat
 
 Every variant is compiled first, then the variants take turns (`--steps`
 timed steps each, `--rounds` rounds) so load on a shared machine hits all
@@ -24,28 +25,41 @@ import ml_collections  # noqa: E402
 from configs import bench_s  # noqa: E402
 from ito_jax import bench  # noqa: E402
 
-# name -> overrides of config.model, against the f32 / no remat / loop / donate / einsum baseline
+# name -> config overrides (dotted keys), against the f32 / no remat / loop / donate / einsum baseline
+BASELINE = "baseline (f32, no remat, loop, donate, einsum attention)"
 VARIANTS = {
-    "baseline (f32, no remat, loop, donate, einsum attention)": {},
-    "bf16 compute, f32 params+opt": {"dtype": "bfloat16"},
-    "remat=full": {"remat": "full"},
-    "remat=dots": {"remat": "dots"},
-    "scan_layers": {"scan_layers": True},
-    "donate=False": {"donate": False},
-    "attention=xla (jax.nn.dot_product_attention)": {"attention": "xla"},
+    BASELINE: {},
+    "bf16 compute, f32 params+opt": {"model.dtype": "bfloat16"},
+    "remat=full": {"model.remat": "full"},
+    "remat=dots": {"model.remat": "dots"},
+    "scan_layers": {"model.scan_layers": True},
+    "donate=False": {"model.donate": False},
+    "attention=xla (jax.nn.dot_product_attention)": {"model.attention": "xla"},
+}
+# The memory levers: towers in A microbatches (optim.accumulation_steps, the
+# same gradient) against recomputing each block in the backward pass.
+ACCUMULATION = {
+    BASELINE: {},
+    "remat=full": {"model.remat": "full"},
+    **{f"accumulation_steps={a}": {"optim.accumulation_steps": a} for a in (2, 4, 8)},
 }
 
 
-def variant(base: ml_collections.ConfigDict, **model) -> ml_collections.ConfigDict:
+def variant(base: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(base.to_dict())
-  c.model.update(model)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
   return c
 
 
-def switches(base, steps, rounds):
+def switches(base, steps, rounds, variants=VARIANTS):
   compiled = {}
-  for name, overrides in VARIANTS.items():
-    compiled[name] = bench.CompiledStep(variant(base, **overrides))
+  for name, overrides in variants.items():
+    compiled[name] = bench.CompiledStep(variant(base, overrides))
     compiled[name].run(1)
     first = statistics.median(compiled[name].run(steps))  # a first figure, before the rounds
     print(f"{name}: compile {compiled[name].compile_s:.1f} s, first step median {first:.3f} s",
@@ -72,7 +86,7 @@ def compile_depth(base, depths):
   for depth in depths:
     row = []
     for scan in (False, True):
-      c = variant(base, scan_layers=scan)
+      c = variant(base, {"model.scan_layers": scan})
       c.model.image.depth = c.model.text.depth = depth
       row.append(bench.CompiledStep(c).compile_s)
     print(f"| {depth} | {row[0]:.1f} | {row[1]:.1f} |", flush=True)
@@ -86,7 +100,8 @@ def main():
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--depths", default="2,4,8,16")
-  p.add_argument("--only", choices=("switches", "compile_depth"), default=None)
+  p.add_argument("--only", choices=("switches", "compile_depth", "accumulation"), default=None,
+                 help="one part (default: switches, then compile_depth)")
   args = p.parse_args()
   base = bench_s.get_config()
   base.batch_size = args.batch_size
@@ -97,6 +112,8 @@ def main():
         f"batch {base.batch_size}, image {base.model.image.image_size}")
   if args.only in (None, "switches"):
     switches(base, args.steps, args.rounds)
+  if args.only == "accumulation":
+    switches(base, args.steps, args.rounds, ACCUMULATION)
   if args.only in (None, "compile_depth"):
     compile_depth(base, [int(d) for d in args.depths.split(",")])
 

@@ -170,6 +170,11 @@ def base_config() -> ml_collections.ConfigDict:
   # log window in which every step was skipped stops the run with an error.
   # False applies every update, NaN included.
   o.skip_nonfinite = True
+  # A > 1 runs the towers in A microbatches of batch_size / A samples and
+  # caches their outputs, so activation memory is that of one microbatch while
+  # the gradient stays exactly the global batch's (every sample contrasted
+  # with all others; ito_jax/accumulation.py). Costs a second tower forward.
+  o.accumulation_steps = 1
 
   # ---- data -----------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
@@ -345,6 +350,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   for field in ("b1", "b2"):
     _require(0 <= o[field] < 1, f"optim.{field}", f"must be in [0, 1), got {o[field]}")
   _require(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+  steps = o.accumulation_steps
+  _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+           "optim.accumulation_steps", f"must be an integer >= 1, got {steps!r}")
+  _require(c.batch_size % (steps * batch_shards) == 0, "optim.accumulation_steps",
+           f"{steps} microbatches of batch_size {c.batch_size} must each divide evenly over the "
+           f"{batch_shards} batch shards (mesh.data x mesh.fsdp): batch_size must be a multiple "
+           f"of {steps} x {batch_shards} = {steps * batch_shards}")
 
   d = c.data
   _require(d.dataset == "ito_shapes", "data.dataset", f"unknown data set {d.dataset!r}")

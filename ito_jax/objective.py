@@ -75,10 +75,29 @@ def compute_loss(model: ItoModel, batch: dict, config: ml_collections.ConfigDict
   mesh: the device mesh the batch is split over ('data' x 'fsdp'); None runs
   every term on the whole batch (a single shard).
   step: optimizer steps taken so far (traced); gates R_ot at ot.start_step."""
-  l = config.loss
+  return loss_from_outputs(model, batch, encode(model, batch, mesh), config, mesh, step=step)
+
+
+def encode(model: ItoModel, batch: dict, mesh=None) -> dict:
+  """embed_batch's outputs, kept split by sample over the mesh's batch axes."""
   out = embed_batch(model, batch)
   if mesh is not None:  # the towers' outputs stay split by sample, whatever GSPMD prefers inside
     out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, BATCH))
+  return out
+
+
+def uses_tokens(model: ItoModel, config: ml_collections.ConfigDict) -> bool:
+  """Whether loss_from_outputs reads the towers' token sequences (the fusion
+  head's ITM or anchor terms), not only the pooled embeddings."""
+  return model.fusion_head is not None and bool(config.loss.itm_weight or config.loss.anchor_weight)
+
+
+def loss_from_outputs(model: ItoModel, batch: dict, out: dict, config: ml_collections.ConfigDict,
+                      mesh=None, *, step=None):
+  """compute_loss after the towers: every term from `out` (encode's outputs
+  for the aligned batch), the fusion head, and R_ot (which encodes the
+  unaligned batches in `batch` itself)."""
+  l = config.loss
   shard_mesh = mesh if l.sharded else None
   on_shards = functools.partial(sharded.on_batch_shards, mesh=shard_mesh)
   scale, bias = model.logit_scale, model.logit_bias[...]

@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from configs import common
-from ito_jax import checkpoint, export, objective, sharding
+from ito_jax import accumulation, checkpoint, export, sharding
 from ito_jax.data import pipeline
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
@@ -108,8 +108,8 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
     # The rate this update uses: the schedule reads the optimizer's own count,
     # which a skipped non-finite step leaves behind the loop's step.
     learning_rate = schedule(steps_taken)
-    (loss, metrics), grads = nnx.value_and_grad(
-        lambda m: objective.compute_loss(m, batch, config, mesh, step=steps_taken), has_aux=True)(model)
+    (loss, metrics), grads = accumulation.value_and_grad(model, batch, config, mesh,
+                                                         step=steps_taken)
     grad_norm = optax.global_norm(grads)
     if config.optim.skip_nonfinite:
       # One NaN or inf anywhere in the gradient makes its global norm

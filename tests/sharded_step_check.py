@@ -8,7 +8,8 @@ tests/test_sharding.py launches it and asserts on the figures.
 
 step:   the train step on a (data, fsdp, tensor) mesh against the same step on
         one device, same initial parameters and batches: loss of each step and
-        parameters after the last, for every mesh x objective.
+        parameters after the last, for every mesh x objective, and on (2, 2, 2)
+        with the towers in two microbatches (optim.accumulation_steps = 2).
 memory: the compiled per-device memory of the batch-level loss terms (value
         and gradient) at a global batch where a [B, B] float32 would dominate,
         and of a whole train step under fsdp against data parallelism; and the
@@ -49,7 +50,7 @@ OBJECTIVES = {  # name -> (loss.name, sigmoid_variant, fusion)
 STEPS = 2
 
 
-def tiny_config(objective: str, mesh_shape=(1, 1, 1)):
+def tiny_config(objective: str, mesh_shape=(1, 1, 1), accumulation_steps=1):
   """Every sharded dimension divisible by 4 (fsdp) and 2 (tensor)."""
   name, variant, fusion = OBJECTIVES[objective]
   c = common.base_config()
@@ -63,7 +64,7 @@ def tiny_config(objective: str, mesh_shape=(1, 1, 1)):
   if fusion:
     # Pools of 4 fit every mesh here, so all runs mine the same negatives.
     c.loss.update(itm_weight=0.5, anchor_weight=0.5, itm_negative_pool=4)
-  c.optim.update(learning_rate=1e-3, warmup_steps=0)
+  c.optim.update(learning_rate=1e-3, warmup_steps=0, accumulation_steps=accumulation_steps)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
   return c
 
@@ -106,12 +107,16 @@ def check_steps():
       reference = references["sigmoid_gather"]  # one shard: ring and gather are the same sum
     else:
       references[objective] = reference = run_steps(tiny_config(objective), devices[:1])
-    for shape in MESHES:
-      losses, params, seconds, layout, update = run_steps(tiny_config(objective, shape), devices)
+    # Every mesh in one pass, and (2, 2, 2) again with the towers in two
+    # microbatches of 16 (optim.accumulation_steps: the same gradient).
+    for shape, steps in [(shape, 1) for shape in MESHES] + [((2, 2, 2), 2)]:
+      losses, params, seconds, layout, update = run_steps(tiny_config(objective, shape, steps),
+                                                          devices)
       diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                            params, reference[1]))
       print(json.dumps({
           "check": "step", "objective": objective, "mesh": list(shape),
+          "accumulation_steps": steps,
           "losses": losses, "reference_losses": reference[0],
           "loss_max_abs_diff": max(abs(a - b) for a, b in zip(losses, reference[0])),
           "param_max_abs_diff": max(diffs), "param_max_update": update,

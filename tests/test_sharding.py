@@ -274,14 +274,16 @@ def test_sharded_loss_holds_no_global_bxb_buffer():
 @pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
   """(8,1,1), (2,4,1), (2,2,2) x softmax, sigmoid gather, sigmoid ring, ITO
-  (fusion, ITM and anchor, M = N = 2): two steps from the same parameters."""
+  (fusion, ITM and anchor, M = N = 2): two steps from the same parameters;
+  and (2,2,2) with optim.accumulation_steps = 2 (gradient caching over two
+  strided microbatches, each split over the 4 batch shards)."""
   # About 100 s of CPU; the timeout leaves room for cores shared with other jobs.
   results = finish(start([os.path.join(HERE, "sharded_step_check.py"), "step"], 8, True), 900)
-  assert {(r["objective"], tuple(r["mesh"])) for r in results} == {
-      (o, m) for o in ("softmax", "sigmoid_gather", "sigmoid_ring", "ito")
-      for m in ((8, 1, 1), (2, 4, 1), (2, 2, 2))}
+  assert {(r["objective"], tuple(r["mesh"]), r["accumulation_steps"]) for r in results} == {
+      (o, m, a) for o in ("softmax", "sigmoid_gather", "sigmoid_ring", "ito")
+      for m, a in (((8, 1, 1), 1), ((2, 4, 1), 1), ((2, 2, 2), 1), ((2, 2, 2), 2))}
   for r in results:
-    print(f"step {r['objective']:>14} mesh {r['mesh']}: losses {r['losses']} vs "
+    print(f"step {r['objective']:>14} mesh {r['mesh']} x{r['accumulation_steps']}: losses {r['losses']} vs "
           f"{r['reference_losses']}, |d loss| {r['loss_max_abs_diff']:.2e}, "
           f"|d param| {r['param_max_abs_diff']:.2e} (largest update {r['param_max_update']:.2e})")
     # Losses of ~20 (sigmoid sums over a row) carry float32 rounding of ~1e-6 relative.

@@ -1,0 +1,108 @@
+"""The loss and its gradient, with the towers run in microbatches.
+
+`optim.accumulation_steps` = A > 1 trades compute for activation memory
+without changing what is optimised: the gradient is that of the global batch's
+loss, every sample contrasted with all B - 1 others, not the mean of A smaller
+batches' losses (which would see B/A - 1 negatives each). It is gradient
+caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under
+Memory Limited Setup"; open_clip's --accum-freq):
+
+1. the towers encode the batch in A microbatches, without gradient, and only
+   their outputs are kept (pooled embeddings, and the view-0 token sequences
+   when the fusion head needs them);
+2. every term that couples samples (the alignment loss, ITM with its mined
+   negatives, the anchor terms, R_ot) runs once on the whole batch of outputs,
+   giving the loss, its metrics, the gradient of the parameters it uses
+   directly (temperature, bias, the fusion head) and the gradient with respect
+   to each output;
+3. the towers run again, one microbatch at a time, and each microbatch's
+   parameter gradient is its vector-Jacobian product with that output
+   gradient; the sum over microbatches is the towers' gradient.
+
+The towers' activations exist for one microbatch at a time; the price is a
+second forward pass of the towers (about a third more tower compute). The
+towers have no dropout or other randomness, so both passes compute the same
+function. R_ot's unaligned batches are encoded inside step 2, whole: they get
+the exact gradient but no memory saving.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ito_jax import objective
+from ito_jax.sharding import BATCH_AXES
+
+ALIGNED_INPUTS = ("images", "tokens")  # the batch entries embed_batch reads
+
+
+def _split(x: jax.Array, steps: int, mesh) -> jax.Array:
+  """[B, ...] -> [steps, B / steps, ...]: microbatch j holds samples j,
+  steps + j, 2 steps + j, ..., so each device's contiguous block of the batch
+  gives every microbatch the same number of rows and none moves."""
+  y = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+  if mesh is not None:
+    y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, BATCH_AXES)))
+  return y
+
+
+def _merge(y: jax.Array, mesh) -> jax.Array:
+  """The inverse of _split: samples back in batch order."""
+  x = y.swapaxes(0, 1).reshape(-1, *y.shape[2:])
+  if mesh is not None:
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+  return x
+
+
+def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=None, *,
+                   step=None):
+  """((loss, metrics), grads) of objective.compute_loss with respect to the
+  model's nnx.Param leaves, with the towers run in optim.accumulation_steps
+  microbatches (1: in one pass, as nnx.value_and_grad)."""
+  loss_fn = lambda m: objective.compute_loss(m, batch, config, mesh, step=step)
+  steps = config.optim.accumulation_steps
+  if steps == 1:
+    return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  keys = ["image_emb", "text_emb"]
+  if objective.uses_tokens(model, config):
+    keys += ["image_tokens", "text_tokens", "text_mask"]
+  differentiable = [k for k in keys if k != "text_mask"]
+
+  def encode(p, micro):
+    out = objective.encode(nnx.merge(graphdef, p, rest), micro, mesh)
+    return {k: out[k] for k in keys}
+
+  micro = {k: _split(batch[k], steps, mesh) for k in ALIGNED_INPUTS}
+
+  # 1. Outputs of every microbatch, no gradient.
+  _, outs = jax.lax.scan(lambda carry, mb: (carry, encode(params, mb)), None, micro)
+  out = {k: _merge(v, mesh) for k, v in outs.items()}
+
+  # 2. The loss on the whole batch of outputs: its gradient w.r.t. the
+  #    parameters used after the towers and w.r.t. the outputs.
+  def from_outputs(p, diff_out):
+    return objective.loss_from_outputs(nnx.merge(graphdef, p, rest), batch, {**out, **diff_out},
+                                       config, mesh, step=step)
+
+  (loss, metrics), (grads, out_grads) = jax.value_and_grad(from_outputs, argnums=(0, 1),
+                                                           has_aux=True)(
+      params, {k: out[k] for k in differentiable})
+
+  # 3. The towers again, a microbatch at a time, pulling the output gradient
+  #    back to the parameters.
+  def tower_grads(acc, xs):
+    mb, cotangent = xs
+    _, pull = jax.vjp(lambda p: {k: encode(p, mb)[k] for k in differentiable}, params)
+    (g,) = pull(cotangent)
+    return jax.tree.map(jnp.add, acc, g), None
+
+  cotangents = {k: _split(v, steps, mesh) for k, v in out_grads.items()}
+  grads, _ = jax.lax.scan(tower_grads, grads, (micro, cotangents))
+  return (loss, metrics), grads

@@ -1,0 +1,148 @@
+"""optim.accumulation_steps: the towers in microbatches, the gradient of the
+whole batch (ito_jax/accumulation.py). The same on 8 sharded devices is
+checked by tests/test_sharding.py::test_sharded_step_equals_single_device_step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common
+from ito_jax import accumulation, objective, sharding, train
+from ito_jax.bench import random_batch
+from ito_jax.models.ito import ItoModel
+
+
+def tiny_config(kind: str, steps: int = 1):
+  c = common.base_config()
+  c.batch_size = 16
+  c.model.embed_dim = 16
+  c.model.image.update(image_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_ratio=2.0)
+  c.model.text.update(vocab_size=64, context_length=8, width=16, depth=1, num_heads=2, mlp_ratio=2.0)
+  c.model.fusion.update(width=16, depth=1, num_heads=2, mlp_ratio=2.0)
+  c.optim.update(warmup_steps=0, accumulation_steps=steps)
+  if kind == "sigmoid":
+    c.loss.name = "sigmoid"
+  elif kind == "ito":  # multiple alignment, ITM with mined negatives, anchor
+    c.model.fusion.enabled = True
+    c.loss.update(num_image_views=2, num_text_views=2, itm_weight=0.5, anchor_weight=0.5,
+                  itm_negative_pool=4)
+  elif kind == "ot":  # R_ot on unaligned batches, the aligned batch in the measures too
+    c.partial.update(enabled=True, unaligned_batch_size=8)
+    c.loss.ot_weight = 1.0
+    c.ot.update(start_step=0, min_points=2, include_aligned=True)
+  common.validate(c)
+  return c
+
+
+def model_state(config):
+  with nnx.use_eager_sharding(False):
+    return nnx.split(ItoModel(config.model, rngs=nnx.Rngs(0)))
+
+
+def loss_and_grads(config, batch):
+  graphdef, state = model_state(config)
+  fn = jax.jit(lambda s, b: accumulation.value_and_grad(nnx.merge(graphdef, s), b, config,
+                                                        step=jnp.int32(0)))
+  return fn(state, batch)
+
+
+def largest_diff(a, b) -> float:
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def largest(tree) -> float:
+  return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "ito", "ot"])
+def test_microbatched_towers_give_the_whole_batch_gradient(kind):
+  batch = jax.tree.map(jnp.asarray, random_batch(tiny_config(kind)))
+  (loss, metrics), grads = loss_and_grads(tiny_config(kind), batch)
+  (loss4, metrics4), grads4 = loss_and_grads(tiny_config(kind, steps=4), batch)
+  assert jax.tree.structure(grads4) == jax.tree.structure(grads)
+  scale = largest(grads)
+  assert scale > 1.0  # a gradient worth comparing
+  assert largest_diff(grads, grads4) <= 1e-5 * scale
+  assert metrics4.keys() == metrics.keys()
+  for k in metrics:
+    assert abs(float(metrics4[k]) - float(metrics[k])) <= 1e-5 * max(1.0, abs(float(metrics[k]))), k
+  assert abs(float(loss4) - float(loss)) <= 1e-5 * abs(float(loss))
+  # Every parameter the objective trains gets its gradient through one of
+  # the two paths (the towers' microbatch pass, or the loss on their outputs).
+  nonzero = lambda g: {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(g)
+                       if float(jnp.max(jnp.abs(x))) > 0}
+  assert nonzero(grads4) == nonzero(grads)
+
+
+def test_the_gradient_is_not_the_mean_of_microbatch_losses():
+  """What the comparison above can tell apart: four contrastive losses of 4
+  samples each (3 negatives apiece, the plain accumulation of other
+  trainers) differ from one loss of 16 by far more than its tolerance."""
+  config = tiny_config("softmax")
+  batch = jax.tree.map(jnp.asarray, random_batch(config))
+  _, grads = loss_and_grads(config, batch)
+  graphdef, state = model_state(config)
+
+  def mean_of_microbatches(model):
+    losses = [objective.compute_loss(model, {k: v[j::4] for k, v in batch.items()}, config)[0]
+              for j in range(4)]
+    return sum(losses) / 4
+
+  naive = jax.jit(lambda s: nnx.grad(mean_of_microbatches)(nnx.merge(graphdef, s)))(state)
+  assert largest_diff(grads, naive) > 100 * 1e-5 * largest(grads)
+
+
+def test_train_steps_with_microbatches_follow_the_one_pass_steps():
+  """Two optimizer steps through train.make_train_step on a one-device mesh."""
+  finals = {}
+  for steps in (1, 2):
+    config = tiny_config("softmax", steps)
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    model, optimizer = train.create_model_and_optimizer(config, mesh)
+    graphdef, state = nnx.split((model, optimizer))
+    step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, config)
+    losses = []
+    for i in range(2):
+      state, metrics = step(state, sharding.put_batch(random_batch(config, seed=i), mesh))
+      losses.append(float(metrics["loss"]))
+    nnx.update((model, optimizer), state)
+    finals[steps] = (losses, nnx.state(model, nnx.Param))
+  (losses1, params1), (losses2, params2) = finals[1], finals[2]
+  np.testing.assert_allclose(losses2, losses1, rtol=1e-5)
+  assert largest_diff(params1, params2) <= 1e-5  # updates are ~1e-3 (AdamW, lr 1e-3)
+
+
+@pytest.mark.parametrize("value, devices, match", [
+    (0, 1, "integer >= 1, got 0"),
+    (True, 1, "integer >= 1, got True"),
+    (-2, 1, "integer >= 1, got -2"),
+    (3, 1, "multiple of 3 x 1 = 3"),  # 16 samples do not split into 3 microbatches
+    (4, 8, "multiple of 4 x 8 = 32"),  # 4 samples a microbatch on 8 batch shards
+])
+def test_invalid_accumulation_steps_name_the_field(value, devices, match):
+  config = tiny_config("softmax")
+  config.optim.accumulation_steps = value
+  config.mesh.data = devices
+  with pytest.raises(common.ConfigError, match=r"config\.optim\.accumulation_steps: .*" + match):
+    common.validate(config, num_devices=devices)
+
+
+def test_microbatches_lower_the_compiled_step_memory():
+  """The compiled train step's temporary memory (a deterministic figure of
+  the compiler, not a timing) at 4 microbatches against one pass, on a shape
+  where the towers' activations dominate."""
+  temp = {}
+  for steps in (1, 4):
+    config = tiny_config("softmax", steps)
+    config.batch_size = 64
+    config.model.image.update(image_size=32, patch_size=4, width=64, depth=2)
+    common.validate(config)
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    graphdef, state = train.abstract_model_and_optimizer(config, mesh)
+    step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, config)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+            for k, v in random_batch(config).items()}
+    temp[steps] = step.lower(state, spec).compile().memory_analysis().temp_size_in_bytes
+  assert temp[4] < 0.5 * temp[1], temp
