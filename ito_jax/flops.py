@@ -106,6 +106,16 @@ def train_flops_per_example(config: ml_collections.ConfigDict) -> float:
 
 SCAN_NOTE = ("XLA's cost analysis counts a while-loop body once, so with model.scan_layers "
              "its FLOPs miss (depth - 1) layers per tower; the analytic count is the one to use")
+ACCUMULATION_NOTE = ("XLA's cost analysis counts a while-loop body once, so with "
+                     "optim.accumulation_steps = A it counts the towers of one microbatch (and "
+                     "their second forward pass); the analytic count is the one to use")
+
+
+def xla_flops_note(config: ml_collections.ConfigDict) -> str | None:
+  """Why XLA's FLOP count of a compiled step misses work, or None when it does not."""
+  notes = [note for on, note in ((config.model.scan_layers, SCAN_NOTE),
+                                 (config.optim.accumulation_steps > 1, ACCUMULATION_NOTE)) if on]
+  return "; ".join(notes) or None
 
 
 def mfu_figures(config: ml_collections.ConfigDict, step_s: float, device_kind: str,
@@ -129,8 +139,8 @@ def mfu_figures(config: ml_collections.ConfigDict, step_s: float, device_kind: s
     figures["xla_flops_per_example"] = xla_total / config.batch_size
     figures["xla_over_model_flops"] = xla_total / per_step
     figures["xla_tflops_per_s"] = xla_total / step_s / 1e12
-    if config.model.scan_layers:
-      figures["xla_flops_note"] = SCAN_NOTE
+    if xla_flops_note(config):
+      figures["xla_flops_note"] = xla_flops_note(config)
   peak = peak if peak else peak_tflops(device_kind)
   if peak:
     figures["peak_tflops_per_device"] = peak

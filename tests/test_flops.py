@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import common
-from ito_jax import bench, flops, objective, sharding, train
+from ito_jax import accumulation, bench, flops, objective, sharding, train
 
 
 def tiny(width=64, batch=8):
@@ -157,3 +157,23 @@ def test_partial_mode_counts_the_unaligned_towers():
   fwd_xla = jax.jit(loss).lower(state, batch).compile().cost_analysis()["flops"]
   assert fwd_xla / (sum(parts.values()) * c.batch_size) == pytest.approx(1.0, abs=0.05)
   assert fwd_xla / (aligned * c.batch_size) > 2.5  # what leaving them out got wrong
+
+
+def test_xla_undercounts_microbatched_towers_and_the_figures_say_so():
+  """With optim.accumulation_steps the towers run in a lax.scan, whose body
+  XLA's cost analysis counts once: its FLOPs fall far below the analytic
+  3 x forward, and the MFU figures carry a note saying why."""
+  c = tiny(96)
+  c.optim.accumulation_steps = 4
+  model, _ = train.create_model_and_optimizer(c, sharding.make_mesh(c))
+  graphdef, state = nnx.split(model)
+  step = lambda s, b: accumulation.value_and_grad(nnx.merge(graphdef, s), b, c)[1]
+  xla = jax.jit(step).lower(state, bench.random_batch(c)).compile().cost_analysis()["flops"]
+  analytic = flops.train_flops_per_example(c) * c.batch_size
+  assert xla / analytic < 0.6  # one microbatch of 2 counted, of 8 samples
+  note = flops.mfu_figures(c, 1.0, "cpu", 1, xla_flops_per_step=xla)["xla_flops_note"]
+  assert "optim.accumulation_steps" in note and "scan_layers" not in note
+  c.optim.accumulation_steps = 1
+  assert "xla_flops_note" not in flops.mfu_figures(c, 1.0, "cpu", 1, xla_flops_per_step=xla)
+  c.model.scan_layers = True
+  assert "scan_layers" in flops.mfu_figures(c, 1.0, "cpu", 1, xla_flops_per_step=xla)["xla_flops_note"]
