@@ -75,14 +75,20 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
     keys += ["image_tokens", "text_tokens", "text_mask"]
   differentiable = [k for k in keys if k != "text_mask"]
 
-  def encode(p, micro):
-    out = objective.encode(nnx.merge(graphdef, p, rest), micro, mesh)
+  def encode(p, r, micro):
+    out = objective.encode(nnx.merge(graphdef, p, r), micro, mesh)
     return {k: out[k] for k in keys}
 
   micro = {k: _split(batch[k], steps, mesh) for k in ALIGNED_INPUTS}
 
+  # The loop bodies take the model's state through their carry, not from the
+  # enclosing trace: nnx transforms inside the towers (model.scan_layers)
+  # refuse variables of an outer trace level.
   # 1. Outputs of every microbatch, no gradient.
-  _, outs = jax.lax.scan(lambda carry, mb: (carry, encode(params, mb)), None, micro)
+  def forward(carry, mb):
+    return carry, encode(*carry, mb)
+
+  _, outs = jax.lax.scan(forward, (params, rest), micro)
   out = {k: _merge(v, mesh) for k, v in outs.items()}
 
   # 2. The loss on the whole batch of outputs: its gradient w.r.t. the
@@ -97,12 +103,13 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
 
   # 3. The towers again, a microbatch at a time, pulling the output gradient
   #    back to the parameters.
-  def tower_grads(acc, xs):
+  def tower_grads(carry, xs):
+    (p, r), acc = carry
     mb, cotangent = xs
-    _, pull = jax.vjp(lambda p: {k: encode(p, mb)[k] for k in differentiable}, params)
+    _, pull = jax.vjp(lambda q: {k: encode(q, r, mb)[k] for k in differentiable}, p)
     (g,) = pull(cotangent)
-    return jax.tree.map(jnp.add, acc, g), None
+    return ((p, r), jax.tree.map(jnp.add, acc, g)), None
 
   cotangents = {k: _split(v, steps, mesh) for k, v in out_grads.items()}
-  grads, _ = jax.lax.scan(tower_grads, grads, (micro, cotangents))
+  (_, grads), _ = jax.lax.scan(tower_grads, ((params, rest), grads), (micro, cotangents))
   return (loss, metrics), grads

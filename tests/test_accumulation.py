@@ -24,6 +24,9 @@ def tiny_config(kind: str, steps: int = 1):
   c.optim.update(warmup_steps=0, accumulation_steps=steps)
   if kind == "sigmoid":
     c.loss.name = "sigmoid"
+  elif kind == "scan_layers":  # nnx.scan over the blocks, inside the microbatch loop
+    c.model.scan_layers = True
+    c.model.image.depth = c.model.text.depth = 2
   elif kind == "ito":  # multiple alignment, ITM with mined negatives, anchor
     c.model.fusion.enabled = True
     c.loss.update(num_image_views=2, num_text_views=2, itm_weight=0.5, anchor_weight=0.5,
@@ -56,7 +59,7 @@ def largest(tree) -> float:
   return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "ito", "ot"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "scan_layers", "ito", "ot"])
 def test_microbatched_towers_give_the_whole_batch_gradient(kind):
   batch = jax.tree.map(jnp.asarray, random_batch(tiny_config(kind)))
   (loss, metrics), grads = loss_and_grads(tiny_config(kind), batch)
