@@ -5,6 +5,7 @@ time against depth with scanned layers on and off.
   python benchmarks/speed_switches.py --batch_size=128 --rounds=5
   python benchmarks/speed_switches.py --only=compile_depth  # the depth sweep alone
   python benchmarks/speed_switches.py --only=accumulation   # memory levers: microbatches vs remat
+  python benchmarks/speed_switches.py --only=patch_dropout  # FLIP: 50% / 75% of the patches dropped
 
 Every variant is compiled first, then the variants take turns (`--steps`
 timed steps each, `--rounds` rounds) so load on a shared machine hits all
@@ -43,6 +44,13 @@ ACCUMULATION = {
     "remat=full": {"model.remat": "full"},
     **{f"accumulation_steps={a}": {"optim.accumulation_steps": a} for a in (2, 4, 8)},
 }
+# Patch dropout changes what is trained (the image tower sees a token
+# subset), so it is raced on its own, not among the switches above.
+PATCH_DROPOUT = {
+    BASELINE: {},
+    **{f"patch_dropout={r}": {"model.image.patch_dropout": r} for r in (0.5, 0.75)},
+}
+GROUPS = {"accumulation": ACCUMULATION, "patch_dropout": PATCH_DROPOUT}
 
 
 def variant(base: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
@@ -100,7 +108,7 @@ def main():
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--depths", default="2,4,8,16")
-  p.add_argument("--only", choices=("switches", "compile_depth", "accumulation"), default=None,
+  p.add_argument("--only", choices=("switches", "compile_depth", *GROUPS), default=None,
                  help="one part (default: switches, then compile_depth)")
   args = p.parse_args()
   base = bench_s.get_config()
@@ -112,8 +120,8 @@ def main():
         f"batch {base.batch_size}, image {base.model.image.image_size}")
   if args.only in (None, "switches"):
     switches(base, args.steps, args.rounds)
-  if args.only == "accumulation":
-    switches(base, args.steps, args.rounds, ACCUMULATION)
+  if args.only in GROUPS:
+    switches(base, args.steps, args.rounds, GROUPS[args.only])
   if args.only in (None, "compile_depth"):
     compile_depth(base, [int(d) for d in args.depths.split(",")])
 

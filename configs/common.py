@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.image.depth = 12
   m.image.num_heads = 12
   m.image.mlp_ratio = 4.0
+  # Patch dropout (FLIP): the fraction of each training image's patch tokens
+  # left out of the encoder, drawn afresh every step; evaluation, export and
+  # serving encode every token. 0.5 roughly halves the image tower's compute.
+  m.image.patch_dropout = 0.0
   m.text = ml_collections.ConfigDict()
   m.text.variant = ""  # informational name, e.g. "B"; set sizes with text().
   m.text.vocab_size = 8192  # also the size the sentencepiece tokenizer is trained to.
@@ -328,6 +332,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(m.image.patch_size > 0 and m.image.image_size % m.image.patch_size == 0,
            "model.image.patch_size",
            f"{m.image.patch_size} does not divide image_size {m.image.image_size}")
+  rate = m.image.patch_dropout
+  _require(0 <= rate < 1, "model.image.patch_dropout", f"must be in [0, 1), got {rate}")
+  _require(vit_lib.kept_patches(m.image) >= 1, "model.image.patch_dropout",
+           f"{rate} keeps no patch token of the {(m.image.image_size // m.image.patch_size) ** 2} "
+           f"an image has")
   _require(m.image.stem in vit_lib.STEMS, "model.image.stem",
            f"expected one of {'|'.join(vit_lib.STEMS)}, got {m.image.stem!r}")
   if m.image.stem == "conv":

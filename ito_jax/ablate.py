@@ -101,8 +101,9 @@ def finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
   reused workdir never mixes runs of different settings into one table."""
   if not os.path.exists(os.path.join(run_dir, "eval.json")):
     return False
-  with open(os.path.join(run_dir, "config.json")) as f:
-    saved = json.load(f)
+  from ito_jax import checkpoint  # orbax and jax load only when a saved run is compared
+  with open(os.path.join(run_dir, "config.json")) as f:  # fields added since: their defaults
+    saved = checkpoint.config_to_json(checkpoint.config_from_json(json.load(f)))
   wanted = json.loads(config.to_json_best_effort())
   if saved != wanted:
     def flat(d, prefix=""):

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from ito_jax import objective
 from ito_jax.sharding import BATCH_AXES
 
-ALIGNED_INPUTS = ("images", "tokens")  # the batch entries embed_batch reads
+ALIGNED_INPUTS = ("images", "tokens", "patch_keep")  # the batch entries embed_batch reads
 
 
 def _split(x: jax.Array, steps: int, mesh) -> jax.Array:
@@ -79,7 +79,7 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
     out = objective.encode(nnx.merge(graphdef, p, r), micro, mesh)
     return {k: out[k] for k in keys}
 
-  micro = {k: _split(batch[k], steps, mesh) for k in ALIGNED_INPUTS}
+  micro = {k: _split(batch[k], steps, mesh) for k in ALIGNED_INPUTS if k in batch}
 
   # The loop bodies take the model's state through their carry, not from the
   # enclosing trace: nnx transforms inside the towers (model.scan_layers)

@@ -74,8 +74,9 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> dict:
   views_i, views_t = loss.num_image_views, loss.num_text_views
   parts = {
       "patch_embed": views_i * stem_forward_flops(img),
+      # Under patch dropout the encoder sees only the kept tokens.
       "image_encoder": views_i * encoder_forward_flops(
-          patches, img.width, img.depth, int(img.width * img.mlp_ratio)),
+          vit.kept_patches(img), img.width, img.depth, int(img.width * img.mlp_ratio)),
       "text_encoder": views_t * encoder_forward_flops(
           txt.context_length, txt.width, txt.depth, int(txt.width * txt.mlp_ratio)),
       "projections": 2 * m.embed_dim * (views_i * img.width + views_t * txt.width),

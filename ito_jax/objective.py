@@ -24,6 +24,7 @@ from ito_jax import objective_ot
 from ito_jax.losses import fusion as fusion_losses
 from ito_jax.losses import sharded
 from ito_jax.losses.sharded import BATCH, REPLICATED
+from ito_jax.models import vit
 from ito_jax.models.ito import ItoModel
 
 
@@ -36,7 +37,9 @@ def embed_batch(model: ItoModel, batch: dict):
   images, tokens = batch["images"], batch["tokens"]
   b, m = images.shape[:2]
   n = tokens.shape[1]
-  image_emb, image_tokens = model.image_features(images.reshape(b * m, *images.shape[2:]))
+  keep = batch.get("patch_keep")  # [B, M, K] with patch dropout (with_patch_dropout)
+  keep = None if keep is None else keep.reshape(b * m, keep.shape[-1])
+  image_emb, image_tokens = model.image_features(images.reshape(b * m, *images.shape[2:]), keep)
   text_emb, text_tokens, text_mask = model.text_features(tokens.reshape(b * n, tokens.shape[2]))
   return dict(
       image_emb=image_emb.reshape(b, m, -1),  # [B, M, E]
@@ -45,6 +48,25 @@ def embed_batch(model: ItoModel, batch: dict):
       text_tokens=text_tokens.reshape(b, n, *text_tokens.shape[1:])[:, 0],  # [B, L, Dt]
       text_mask=text_mask.reshape(b, n, -1)[:, 0],  # [B, L]
   )
+
+
+def with_patch_dropout(batch: dict, config: ml_collections.ConfigDict, step, mesh=None) -> dict:
+  """`batch` plus "patch_keep" [B, M, K]: for each aligned image view, the K
+  patch tokens it keeps under model.image.patch_dropout (FLIP, Li et al.
+  2023), drawn uniformly without replacement from config.seed and `step`, so
+  a resumed run draws what the uninterrupted one did. Unchanged at rate 0.
+  R_ot's unaligned images are encoded whole."""
+  image = config.model.image
+  if not image.patch_dropout:
+    return batch
+  b, m = batch["images"].shape[:2]
+  patches = (image.image_size // image.patch_size) ** 2
+  key = jax.random.fold_in(jax.random.key(config.seed), step)
+  noise = jax.random.uniform(key, (b, m, patches))
+  _, keep = jax.lax.top_k(noise, vit.kept_patches(image))  # [B, M, K]
+  if mesh is not None:
+    keep = jax.lax.with_sharding_constraint(keep, NamedSharding(mesh, BATCH))
+  return {**batch, "patch_keep": keep}
 
 
 def itm_through_head(head, out: dict, negatives):

@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from configs import common
-from ito_jax import accumulation, checkpoint, export, sharding
+from ito_jax import accumulation, checkpoint, export, objective, sharding
 from ito_jax.data import pipeline
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
@@ -108,6 +108,7 @@ def make_train_step(graphdef, state_shardings, mesh, config: ml_collections.Conf
     # The rate this update uses: the schedule reads the optimizer's own count,
     # which a skipped non-finite step leaves behind the loop's step.
     learning_rate = schedule(steps_taken)
+    batch = objective.with_patch_dropout(batch, config, steps_taken, mesh)
     (loss, metrics), grads = accumulation.value_and_grad(model, batch, config, mesh,
                                                          step=steps_taken)
     grad_norm = optax.global_norm(grads)

@@ -64,6 +64,7 @@ def tiny_config(objective: str, mesh_shape=(1, 1, 1), accumulation_steps=1):
   if fusion:
     # Pools of 4 fit every mesh here, so all runs mine the same negatives.
     c.loss.update(itm_weight=0.5, anchor_weight=0.5, itm_negative_pool=4)
+    c.model.image.patch_dropout = 0.5  # 2 of 4 tokens: drawn alike on every mesh
   c.optim.update(learning_rate=1e-3, warmup_steps=0, accumulation_steps=accumulation_steps)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
   return c

@@ -24,6 +24,8 @@ def tiny_config(kind: str, steps: int = 1):
   c.optim.update(warmup_steps=0, accumulation_steps=steps)
   if kind == "sigmoid":
     c.loss.name = "sigmoid"
+  elif kind == "patch_dropout":  # each image view keeps half its tokens, split with its images
+    c.model.image.patch_dropout = 0.5
   elif kind == "scan_layers":  # nnx.scan over the blocks, inside the microbatch loop
     c.model.scan_layers = True
     c.model.image.depth = c.model.text.depth = 2
@@ -59,9 +61,10 @@ def largest(tree) -> float:
   return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "scan_layers", "ito", "ot"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "scan_layers", "patch_dropout", "ito", "ot"])
 def test_microbatched_towers_give_the_whole_batch_gradient(kind):
   batch = jax.tree.map(jnp.asarray, random_batch(tiny_config(kind)))
+  batch = objective.with_patch_dropout(batch, tiny_config(kind), 0)
   (loss, metrics), grads = loss_and_grads(tiny_config(kind), batch)
   (loss4, metrics4), grads4 = loss_and_grads(tiny_config(kind, steps=4), batch)
   assert jax.tree.structure(grads4) == jax.tree.structure(grads)

@@ -139,6 +139,22 @@ def test_finished_refuses_a_run_of_another_config(tmp_path):
     ablate.finished(str(tmp_path), c)
 
 
+def test_finished_reads_fields_added_since_the_run_as_their_defaults(tmp_path):
+  """A run saved before a config field existed is the same config as today's
+  with that field at its default, and not at another value."""
+  import json
+  from ito_jax import ablate
+  c = ito_tiny_cpu.get_config("runlocal")
+  saved = json.loads(c.to_json_best_effort())
+  del saved["optim"]["accumulation_steps"], saved["model"]["image"]["patch_dropout"]
+  (tmp_path / "eval.json").write_text("{}")
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert ablate.finished(str(tmp_path), c)
+  c.model.image.patch_dropout = 0.5
+  with pytest.raises(ValueError, match=r"\(model.image.patch_dropout differ\)"):
+    ablate.finished(str(tmp_path), c)
+
+
 def test_ablation_over_seeds_reports_mean_and_spread():
   per_seed = {0: {k: 0.1 for k in TABLE_KEYS}, 1: {k: 0.3 for k in TABLE_KEYS}}
   per_seed[1]["step"] = 600  # a figure missing from one seed is not averaged

@@ -274,7 +274,8 @@ def test_sharded_loss_holds_no_global_bxb_buffer():
 @pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
   """(8,1,1), (2,4,1), (2,2,2) x softmax, sigmoid gather, sigmoid ring, ITO
-  (fusion, ITM and anchor, M = N = 2): two steps from the same parameters;
+  (fusion, ITM and anchor, M = N = 2, patch dropout 0.5): two steps from the
+  same parameters;
   and (2,2,2) with optim.accumulation_steps = 2 (gradient caching over two
   strided microbatches, each split over the 4 batch shards)."""
   # About 100 s of CPU; the timeout leaves room for cores shared with other jobs.

@@ -75,8 +75,9 @@ class ItoModel(nnx.Module):
     """tokens: [batch, length] int32 -> L2-normalised embeddings [batch, embed_dim] (float32)."""
     return self.text_features(tokens)[0]
 
-  def image_features(self, images):
-    pooled, tokens = self.image_tower(images)
+  def image_features(self, images, keep=None):
+    """keep: patch-token indices for training-time patch dropout (VisionTransformer)."""
+    pooled, tokens = self.image_tower(images, keep)
     return l2_normalize(self.image_proj(pooled.astype(jnp.float32))), tokens
 
   def text_features(self, tokens):

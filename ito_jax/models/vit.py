@@ -34,6 +34,13 @@ def parse_variant(variant: str) -> dict:
 STEMS = ("patch", "conv")
 
 
+def kept_patches(image) -> int:
+  """Patch tokens an image keeps in training under model.image.patch_dropout
+  (all of them at 0): floor((1 - rate) x patches), as in FLIP."""
+  patches = (image.image_size // image.patch_size) ** 2
+  return int(patches * (1.0 - image.patch_dropout))
+
+
 def conv_stem_channels(patch_size: int, width: int) -> list[int]:
   """Output channels of the conv stem's 3x3 stride-2 layers: log2(patch_size)
   of them, doubling up to width / 2 (the 1x1 layer after them maps to width)."""
@@ -98,8 +105,13 @@ class VisionTransformer(nnx.Module):
     self.encoder = Encoder(spec, rngs=rngs)
     self.norm = layer_norm(spec.width, spec, rngs)
 
-  def __call__(self, images):
-    """images: [batch, H, W, 3] in [-1, 1] -> (pooled [batch, width], tokens [batch, patches, width])."""
+  def __call__(self, images, keep=None):
+    """images: [batch, H, W, 3] in [-1, 1] -> (pooled [batch, width], tokens [batch, patches, width]).
+
+    keep: None, or [batch, K] indices of the patch tokens to encode (patch
+    dropout, training only): each token keeps its own position embedding,
+    the others never enter the encoder, and pooling and the returned tokens
+    cover the K kept ones."""
     x = images.astype(self.dtype)
     if isinstance(self.patch_embed, ConvStem):
       x = self.patch_embed(x)  # [batch, H/p, W/p, width]
@@ -107,6 +119,8 @@ class VisionTransformer(nnx.Module):
       x = self.patchify(x)
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, patches, width]
     x = x + self.pos_embedding[...].astype(x.dtype)
+    if keep is not None:
+      x = jnp.take_along_axis(x, keep[..., None], axis=1)  # [batch, K, width]
     tokens = self.norm(self.encoder(x))
     return tokens.mean(axis=1), tokens
 

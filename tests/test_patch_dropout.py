@@ -1,0 +1,101 @@
+"""model.image.patch_dropout: training images encode a random subset of their
+patch tokens (FLIP); evaluation and serving encode all of them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common, tiny_cpu
+from ito_jax import objective
+from ito_jax.bench import random_batch
+from ito_jax.models import vit
+from ito_jax.models.ito import ItoModel
+
+
+def config(rate=0.5):
+  c = tiny_cpu.get_config("runlocal")
+  c.model.image.patch_dropout = rate
+  return c
+
+
+@pytest.fixture(scope="module")
+def model():
+  with nnx.use_eager_sharding(False):
+    return ItoModel(config().model, rngs=nnx.Rngs(0))
+
+
+def images(seed=0, n=1):
+  c = config().model.image
+  return jax.random.uniform(jax.random.key(seed), (n, c.image_size, c.image_size, 3), minval=-1, maxval=1)
+
+
+def set_patch(x, index, value):
+  """x with patch `index` (row-major on the patch grid) filled with `value`."""
+  p = config().model.image.patch_size
+  grid = x.shape[1] // p
+  r, c = divmod(index, grid)
+  return x.at[:, r * p:(r + 1) * p, c * p:(c + 1) * p].set(value)
+
+
+def test_only_kept_patches_reach_the_embedding(model):
+  x = images()
+  keep = jnp.array([[0, 5, 9, 14]])  # of 16 patches (32 px, patch 8)
+  base = model.image_features(x, keep)[0]
+  dropped = model.image_features(set_patch(x, 1, 0.7), keep)[0]
+  kept = model.image_features(set_patch(x, 5, 0.7), keep)[0]
+  np.testing.assert_array_equal(dropped, base)
+  assert float(jnp.max(jnp.abs(kept - base))) > 1e-3
+  # Pooling and the returned tokens cover the kept tokens only.
+  assert model.image_features(x, keep)[1].shape == (1, 4, config().model.image.width)
+
+
+def test_a_kept_token_keeps_its_own_position(model):
+  """Two patches with the same pixels, each kept alone: they differ only by
+  their position embeddings, so their embeddings differ."""
+  x = set_patch(set_patch(images(), 3, 0.2), 12, 0.2)
+  a = model.image_features(x, jnp.array([[3]]))[0]
+  b = model.image_features(x, jnp.array([[12]]))[0]
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
+def test_without_keep_every_token_is_encoded(model):
+  """Evaluation and serving (keep=None) see the whole image, so the rate in
+  the config does not change them; keeping every token in order is the same."""
+  x = images(n=2)
+  patches = (config().model.image.image_size // config().model.image.patch_size) ** 2
+  every = jnp.tile(jnp.arange(patches)[None], (2, 1))
+  np.testing.assert_allclose(model.image_features(x, every)[0], model.encode_image(x),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_each_step_and_view_draws_its_own_subset():
+  c = config()
+  c.batch_size = 4
+  c.loss.num_image_views = 2
+  batch = {k: jnp.asarray(v) for k, v in random_batch(c).items()}
+  patches = (c.model.image.image_size // c.model.image.patch_size) ** 2
+  keep0 = np.asarray(objective.with_patch_dropout(batch, c, 0)["patch_keep"])
+  assert keep0.shape == (4, 2, vit.kept_patches(c.model.image)) == (4, 2, patches // 2)
+  assert all(len(set(row)) == row.size for row in keep0.reshape(-1, keep0.shape[-1]))  # no repeats
+  assert keep0.min() >= 0 and keep0.max() < patches
+  rows = {tuple(sorted(row)) for row in keep0.reshape(-1, keep0.shape[-1])}
+  assert len(rows) == 8  # every image view its own subset
+  again = np.asarray(objective.with_patch_dropout(batch, c, 0)["patch_keep"])
+  np.testing.assert_array_equal(again, keep0)  # a resumed run draws the same
+  keep1 = np.asarray(objective.with_patch_dropout(batch, c, 1)["patch_keep"])
+  assert not np.array_equal(np.sort(keep1, -1), np.sort(keep0, -1))
+  assert objective.with_patch_dropout(batch, config(0.0), 0) is batch
+
+
+@pytest.mark.parametrize("rate, size, patch, match", [
+    (-0.1, 32, 4, r"must be in \[0, 1\), got -0.1"),
+    (1.0, 32, 4, r"must be in \[0, 1\), got 1.0"),
+    (0.9, 8, 4, "0.9 keeps no patch token of the 4 an image has"),
+])
+def test_invalid_rates_name_the_field(rate, size, patch, match):
+  c = config(rate)
+  c.model.image.update(image_size=size, patch_size=patch)
+  with pytest.raises(common.ConfigError, match=r"config\.model\.image\.patch_dropout: " + match):
+    common.validate(c)
