@@ -1,6 +1,6 @@
 """One process of a multi-process training run on 127.0.0.1; prints its losses as JSON.
 
-  python tests/multiprocess_check.py --num_processes=2 --process_id=I --port=P
+  python tests/multiprocess_check.py --num_processes=2 --process_id=I --port=P [--accumulation_steps=2]
   python tests/multiprocess_check.py --num_processes=1
 
 Every process sees the same deterministic global batches and feeds only its
@@ -28,6 +28,7 @@ def main():
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--accumulation_steps", type=int, default=1)  # optim.accumulation_steps
   args = parser.parse_args()
 
   from ito_jax import distributed  # noqa: E402 (imports jax, touches no device)
@@ -46,6 +47,7 @@ def main():
   config = tiny_config("ito")
   config.batch_size = 16
   config.loss.itm_negative_pool = 4  # the per-shard batch on 2 processes x 2 devices
+  config.optim.accumulation_steps = args.accumulation_steps
   devices = jax.devices() if args.num_processes > 1 else jax.devices()[:1]
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (-1, 2, 1) if len(devices) > 1 else (1, 1, 1)
   common.validate(config, len(devices), jax.process_count())
@@ -62,7 +64,8 @@ def main():
     state, metrics = step(state, sharding.put_batch(local, mesh))
     losses.append(float(metrics["loss"]))
   print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                    "devices": jax.device_count(), "mesh": dict(mesh.shape), "losses": losses}),
+                    "devices": jax.device_count(), "mesh": dict(mesh.shape),
+                    "accumulation_steps": config.optim.accumulation_steps, "losses": losses}),
         flush=True)
   if args.num_processes > 1:
     jax.distributed.shutdown()

@@ -299,9 +299,13 @@ def test_sharded_step_equals_single_device_step():
 
 @pytest.mark.slow
 def test_two_processes_follow_the_one_process_trajectory():
+  """ITO (with patch dropout) on 2 processes x 2 devices, the towers in two
+  microbatches there (optim.accumulation_steps = 2, each microbatch drawing
+  rows from both processes), against one process, one device, one pass."""
   port = portpicker.pick_unused_port()
   script = os.path.join(HERE, "multiprocess_check.py")
-  workers = [start([script, "--num_processes=2", f"--process_id={i}", f"--port={port}"], 2, True)
+  workers = [start([script, "--num_processes=2", f"--process_id={i}", f"--port={port}",
+                    "--accumulation_steps=2"], 2, True)
              for i in range(2)]
   try:
     results = [finish(proc, 600)[0] for proc in workers]
@@ -315,6 +319,7 @@ def test_two_processes_follow_the_one_process_trajectory():
         f"1 process, 1 device: {reference['losses']}")
   assert [r["process_count"] for r in results] == [2, 2]
   assert [r["devices"] for r in results] == [4, 4]
+  assert [r["accumulation_steps"] for r in results + [reference]] == [2, 2, 1]
   assert results[0]["losses"] == results[1]["losses"]  # one global computation
   np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5, atol=1e-5)
   assert reference["losses"][-1] < reference["losses"][0]  # it trains
