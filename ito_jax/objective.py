@@ -31,8 +31,9 @@ from ito_jax.models.ito import ItoModel
 def embed_batch(model: ItoModel, batch: dict):
   """Runs both towers over all views.
 
-  batch['images']: [B, M, H, W, 3]; batch['tokens']: [B, N, L].
-  Returns image_emb [B, M, E], text_emb [B, N, E] and the view-0 token sequences.
+  batch['images']: [B, M, H, W, 3]; batch['tokens']: [B, N, L]; optionally
+  batch['patch_keep']: [B, M, K], the patch tokens each image view keeps
+  (with_patch_dropout). Returns image_emb [B, M, E], text_emb [B, N, E] and the view-0 token sequences.
   """
   images, tokens = batch["images"], batch["tokens"]
   b, m = images.shape[:2]
