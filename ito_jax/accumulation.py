@@ -23,8 +23,8 @@ The towers' activations exist for one microbatch at a time; the price is a
 second forward pass of the towers (about a third more tower compute). The
 towers draw nothing at random themselves (patch dropout's token subsets come
 in the batch as `patch_keep` and are split with the images), so both passes
-compute the same function. R_ot's unaligned batches are encoded inside step 2, whole: they get
-the exact gradient but no memory saving.
+compute the same function. R_ot's unaligned batches are encoded inside
+step 2, whole: they get the exact gradient but no memory saving.
 """
 
 from __future__ import annotations

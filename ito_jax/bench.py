@@ -132,8 +132,8 @@ def compile_figures(config: ml_collections.ConfigDict, step: CompiledStep) -> di
   if cost and "flops" in cost:
     # cost_analysis describes one device's program.
     figures["xla_flops_per_example"] = cost["flops"] * jax.device_count() / config.batch_size
-    if flops.xla_flops_note(config):
-      figures["xla_flops_note"] = flops.xla_flops_note(config)
+    if note := flops.xla_flops_note(config):
+      figures["xla_flops_note"] = note
   figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return figures
 

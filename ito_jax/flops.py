@@ -140,8 +140,8 @@ def mfu_figures(config: ml_collections.ConfigDict, step_s: float, device_kind: s
     figures["xla_flops_per_example"] = xla_total / config.batch_size
     figures["xla_over_model_flops"] = xla_total / per_step
     figures["xla_tflops_per_s"] = xla_total / step_s / 1e12
-    if xla_flops_note(config):
-      figures["xla_flops_note"] = xla_flops_note(config)
+    if note := xla_flops_note(config):
+      figures["xla_flops_note"] = note
   peak = peak if peak else peak_tflops(device_kind)
   if peak:
     figures["peak_tflops_per_device"] = peak

@@ -33,7 +33,8 @@ def embed_batch(model: ItoModel, batch: dict):
 
   batch['images']: [B, M, H, W, 3]; batch['tokens']: [B, N, L]; optionally
   batch['patch_keep']: [B, M, K], the patch tokens each image view keeps
-  (with_patch_dropout). Returns image_emb [B, M, E], text_emb [B, N, E] and the view-0 token sequences.
+  (with_patch_dropout). Returns image_emb [B, M, E], text_emb [B, N, E] and
+  the view-0 token sequences.
   """
   images, tokens = batch["images"], batch["tokens"]
   b, m = images.shape[:2]
@@ -51,6 +52,12 @@ def embed_batch(model: ItoModel, batch: dict):
   )
 
 
+# Folded into key(config.seed) before the step: nnx.Rngs(config.seed) draws
+# its initialisers from fold_in(key(seed), count), which the masks of the
+# first steps would otherwise repeat.
+PATCH_DROPOUT_STREAM = 0x70617463  # "patc"
+
+
 def with_patch_dropout(batch: dict, config: ml_collections.ConfigDict, step, mesh=None) -> dict:
   """`batch` plus "patch_keep" [B, M, K]: for each aligned image view, the K
   patch tokens it keeps under model.image.patch_dropout (FLIP, Li et al.
@@ -62,8 +69,8 @@ def with_patch_dropout(batch: dict, config: ml_collections.ConfigDict, step, mes
     return batch
   b, m = batch["images"].shape[:2]
   patches = (image.image_size // image.patch_size) ** 2
-  key = jax.random.fold_in(jax.random.key(config.seed), step)
-  noise = jax.random.uniform(key, (b, m, patches))
+  stream = jax.random.fold_in(jax.random.key(config.seed), PATCH_DROPOUT_STREAM)
+  noise = jax.random.uniform(jax.random.fold_in(stream, step), (b, m, patches))
   _, keep = jax.lax.top_k(noise, vit.kept_patches(image))  # [B, M, K]
   if mesh is not None:
     keep = jax.lax.with_sharding_constraint(keep, NamedSharding(mesh, BATCH))

@@ -87,6 +87,10 @@ def test_each_step_and_view_draws_its_own_subset():
   keep1 = np.asarray(objective.with_patch_dropout(batch, c, 1)["patch_keep"])
   assert not np.array_equal(np.sort(keep1, -1), np.sort(keep0, -1))
   assert objective.with_patch_dropout(batch, config(0.0), 0) is batch
+  # Not the stream nnx.Rngs(seed) initialised the parameters from.
+  init_noise = jax.random.uniform(jax.random.fold_in(jax.random.key(c.seed), 0),
+                                  keep0.shape[:2] + (patches,))
+  assert not np.array_equal(keep0, np.asarray(jax.lax.top_k(init_noise, keep0.shape[-1])[1]))
 
 
 @pytest.mark.parametrize("rate, size, patch, match", [
