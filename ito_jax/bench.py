@@ -115,8 +115,9 @@ def benchmark_step(config: ml_collections.ConfigDict, steps: int = 10, warmup: i
   })
   cost = step.compiled.cost_analysis()
   xla_flops = cost["flops"] if cost and "flops" in cost else None
-  figures.update(flops.mfu_figures(config, median, jax.devices()[0].device_kind, jax.device_count(),
-                                   xla_flops, peak_tflops or None))
+  device = jax.devices()[0]
+  figures.update(flops.mfu_figures(config, median, device.device_kind, jax.device_count(),
+                                   xla_flops, peak_tflops or None, device.platform))
   return figures
 
 
@@ -132,7 +133,7 @@ def compile_figures(config: ml_collections.ConfigDict, step: CompiledStep) -> di
   if cost and "flops" in cost:
     # cost_analysis describes one device's program.
     figures["xla_flops_per_example"] = cost["flops"] * jax.device_count() / config.batch_size
-    if note := flops.xla_flops_note(config):
+    if note := flops.xla_flops_note(config, jax.devices()[0].platform):
       figures["xla_flops_note"] = note
   figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return figures

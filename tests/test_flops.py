@@ -180,6 +180,9 @@ def test_xla_undercounts_microbatched_towers_and_the_figures_say_so():
   assert "xla_flops_note" not in flops.mfu_figures(c, 1.0, "cpu", 1, xla_flops_per_step=xla)
   c.model.scan_layers = True
   assert "scan_layers" in flops.mfu_figures(c, 1.0, "cpu", 1, xla_flops_per_step=xla)["xla_flops_note"]
+  c.model.scan_layers = False
+  on_gpu = flops.mfu_figures(c, 1.0, "NVIDIA H200", 1, xla_flops_per_step=xla, platform="gpu")
+  assert on_gpu["xla_flops_note"] == flops.GPU_NOTE
 
 
 def test_the_train_step_drops_patches():
