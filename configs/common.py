@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   # left out of the encoder, drawn afresh every step; evaluation, export and
   # serving encode every token. 0.5 roughly halves the image tower's compute.
   m.image.patch_dropout = 0.0
+  # FLIP's unmasked tuning: the last this many training steps encode every
+  # patch, through a second compiled step. 0: patch dropout to the end.
+  m.image.unmasked_final_steps = 0
   m.text = ml_collections.ConfigDict()
   m.text.variant = ""  # informational name, e.g. "B"; set sizes with text().
   m.text.vocab_size = 8192  # also the size the sentencepiece tokenizer is trained to.
@@ -337,6 +340,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(vit_lib.kept_patches(m.image) >= 1, "model.image.patch_dropout",
            f"{rate} keeps no patch token of the {(m.image.image_size // m.image.patch_size) ** 2} "
            f"an image has")
+  final = m.image.unmasked_final_steps
+  _require(isinstance(final, int) and 0 <= final <= c.total_steps,
+           "model.image.unmasked_final_steps",
+           f"must be an integer in [0, total_steps = {c.total_steps}], got {final!r}")
+  _require(final == 0 or rate > 0, "model.image.unmasked_final_steps",
+           f"is {final} but model.image.patch_dropout is 0, so no step drops patches")
   _require(m.image.stem in vit_lib.STEMS, "model.image.stem",
            f"expected one of {'|'.join(vit_lib.STEMS)}, got {m.image.stem!r}")
   if m.image.stem == "conv":

@@ -13,6 +13,7 @@ mesh they run on the whole batch as a single shard.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -75,6 +76,15 @@ def with_patch_dropout(batch: dict, config: ml_collections.ConfigDict, step, mes
   if mesh is not None:
     keep = jax.lax.with_sharding_constraint(keep, NamedSharding(mesh, BATCH))
   return {**batch, "patch_keep": keep}
+
+
+def without_patch_dropout(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of model.image.unmasked_final_steps' phase: every training
+  image encodes all of its patch tokens."""
+  config = copy.deepcopy(config)
+  config.model.image.patch_dropout = 0.0
+  config.model.image.unmasked_final_steps = 0
+  return config
 
 
 def itm_through_head(head, out: dict, negatives):

@@ -290,7 +290,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, start_step = ckpt.restore(state, train_iter)
     model, optimizer = nnx.merge(graphdef, state)
   state_shardings = sharding.state_shardings(state)
-  train_step = make_train_step(graphdef, state_shardings, mesh, config)
+  masked_step = make_train_step(graphdef, state_shardings, mesh, config)
+  # FLIP's unmasked tuning: from this step on, every patch (compiled when reached).
+  unmasked_from = config.total_steps - config.model.image.unmasked_final_steps + 1
+  unmasked_step = None
   writer = MetricsWriter(workdir)
   writer.truncate_after(start_step)  # a rerun rewrites the steps it trains again
   if start_step:
@@ -303,6 +306,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tally = None  # the counted metrics since the last log line, on device
   for step in range(start_step + 1, config.total_steps + 1):
     batch = sharding.put_batch(next(train_iter), mesh)
+    train_step = masked_step
+    if step >= unmasked_from:
+      if unmasked_step is None:
+        logging.info("steps %d-%d encode every patch (model.image.unmasked_final_steps)",
+                     step, config.total_steps)
+        unmasked_step = make_train_step(graphdef, state_shardings, mesh,
+                                        objective.without_patch_dropout(config))
+      train_step = unmasked_step
     state, metrics = train_step(state, batch)
     tally = tally_counts(tally, metrics)
     speed.step()

@@ -1,6 +1,8 @@
 """model.image.patch_dropout: training images encode a random subset of their
 patch tokens (FLIP); evaluation and serving encode all of them."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import common, tiny_cpu
-from ito_jax import objective
+from ito_jax import objective, train
 from ito_jax.bench import random_batch
 from ito_jax.models import vit
 from ito_jax.models.ito import ItoModel
@@ -103,3 +105,53 @@ def test_invalid_rates_name_the_field(rate, size, patch, match):
   c.model.image.update(image_size=size, patch_size=patch)
   with pytest.raises(common.ConfigError, match=r"config\.model\.image\.patch_dropout: " + match):
     common.validate(c)
+
+
+@pytest.mark.parametrize("rate, final, match", [
+    (0.5, 11, r"must be an integer in \[0, total_steps = 10\], got 11"),
+    (0.5, -1, r"must be an integer in \[0, total_steps = 10\], got -1"),
+    (0.0, 2, "is 2 but model.image.patch_dropout is 0"),
+])
+def test_invalid_unmasked_final_steps_name_the_field(rate, final, match):
+  c = config(rate)
+  c.total_steps = 10
+  c.model.image.unmasked_final_steps = final
+  with pytest.raises(common.ConfigError, match=r"config\.model\.image\.unmasked_final_steps: " + match):
+    common.validate(c)
+
+
+@pytest.mark.slow
+def test_the_last_steps_train_on_every_patch(tmp_path, monkeypatch):
+  """With unmasked_final_steps = 2 of 5, steps 1-3 run the patch-dropout step
+  and steps 4-5 a second step compiled without it (FLIP's unmasked tuning);
+  a run resumed inside the last phase takes the unmasked step at once."""
+  real = train.make_train_step
+  calls = []  # (patch_dropout, unmasked_final_steps) of the config each training step ran with
+
+  def recording(graphdef, shardings, mesh, c):
+    step_fn = real(graphdef, shardings, mesh, c)
+
+    def run(state, batch):
+      calls.append((c.model.image.patch_dropout, c.model.image.unmasked_final_steps))
+      return step_fn(state, batch)
+    return run
+
+  monkeypatch.setattr(train, "make_train_step", recording)
+  c = config(0.5)
+  c.total_steps, c.log_every_steps, c.eval_every_steps = 5, 5, 5
+  c.checkpoint_every_steps = 4
+  c.batch_size = 16
+  c.data.num_train, c.data.num_eval = 128, 32
+  c.eval.batch_size = 32
+  c.model.image.unmasked_final_steps = 2
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(c, workdir)
+  assert calls == [(0.5, 2)] * 3 + [(0.0, 0)] * 2
+  # Resume from step 4's checkpoint: step 5 is in the unmasked phase.
+  checkpoints = tmp_path / "run" / "checkpoints"
+  for saved in checkpoints.iterdir():
+    if saved.name == "5":
+      shutil.rmtree(saved)
+  calls.clear()
+  train.train_and_evaluate(c, workdir)
+  assert calls == [(0.0, 0)]
