@@ -399,6 +399,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
              f"must be a positive integer, got {d[field]!r}")
   from configs import ot_sections  # pylint: disable=g-import-not-at-top (it imports this module)
   ot_sections.validate(c, num_devices, num_processes)
+  u = c.partial.unaligned_batch_size
+  _require(not (c.partial.enabled and (c.loss.ot_weight or c.loss.ot_plan_contrast_weight))
+           or u % (steps * batch_shards) == 0, "optim.accumulation_steps",
+           f"{steps} microbatches of partial.unaligned_batch_size {u} (R_ot's unaligned batches are "
+           f"microbatched too) must each divide evenly over the {batch_shards} batch shards: "
+           f"partial.unaligned_batch_size must be a multiple of {steps} x {batch_shards} = "
+           f"{steps * batch_shards}")
   _require(c.eval.split in ("validation", "test"), "eval.split", f"expected validation|test, got {c.eval.split!r}")
   _require(isinstance(c.eval.batch_size, int) and c.eval.batch_size > 0, "eval.batch_size",
            f"must be a positive integer, got {c.eval.batch_size!r}")

@@ -23,8 +23,12 @@ The towers' activations exist for one microbatch at a time; the price is a
 second forward pass of the towers (about a third more tower compute). The
 towers draw nothing at random themselves (patch dropout's token subsets come
 in the batch as `patch_keep` and are split with the images), so both passes
-compute the same function. R_ot's unaligned batches are encoded inside
-step 2, whole: they get the exact gradient but no memory saving.
+compute the same function. R_ot's unaligned image and text batches
+(partial mode) are outputs of the towers like the aligned ones: encoded in A
+microbatches in steps 1 and 3, before ot.start_step not at all, and coupled
+whole only by R_ot in step 2. What still runs on the whole batch is what
+comes after the towers: the fusion head over the view-0 token sequences, and
+the Sinkhorn solves.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ito_jax import objective
+from ito_jax import objective, objective_ot
 from ito_jax.sharding import BATCH_AXES
 
 ALIGNED_INPUTS = ("images", "tokens", "patch_keep")  # the batch entries embed_batch reads
@@ -75,12 +79,27 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
   if objective.uses_tokens(model, config):
     keys += ["image_tokens", "text_tokens", "text_mask"]
   differentiable = [k for k in keys if k != "text_mask"]
+  inputs = [k for k in ALIGNED_INPUTS if k in batch]
+  pools = objective_ot.uses_unaligned(config)
+  if pools:
+    inputs += list(objective_ot.UNALIGNED_INPUTS)
+    fixed = {"image": objective_ot.UNALIGNED_OUTPUTS[0], "text": objective_ot.UNALIGNED_OUTPUTS[1],
+             "": None}[config.ot.stop_gradient]
+    differentiable += [k for k in objective_ot.UNALIGNED_OUTPUTS if k != fixed]
+  # Before ot.start_step the unaligned batches are not encoded (as in one pass).
+  active = objective_ot.is_active(config, step)
 
   def encode(p, r, micro):
-    out = objective.encode(nnx.merge(graphdef, p, r), micro, mesh)
-    return {k: out[k] for k in keys}
+    model = nnx.merge(graphdef, p, r)
+    out = objective.encode(model, micro, mesh)
+    out = {k: out[k] for k in keys}
+    if pools:
+      on = lambda: objective_ot.encode_unaligned(model, micro)
+      off = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(on))
+      out.update(on() if active is True else jax.lax.cond(active, on, off))
+    return out
 
-  micro = {k: _split(batch[k], steps, mesh) for k in ALIGNED_INPUTS if k in batch}
+  micro = {k: _split(batch[k], steps, mesh) for k in inputs}
 
   # The loop bodies take the model's state through their carry, not from the
   # enclosing trace: nnx transforms inside the towers (model.scan_layers)
@@ -107,7 +126,11 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
   def tower_grads(carry, xs):
     (p, r), acc = carry
     mb, cotangent = xs
-    _, pull = jax.vjp(lambda q: {k: encode(q, r, mb)[k] for k in differentiable}, p)
+    def outputs(q):
+      out = encode(q, r, mb)
+      return {k: out[k] for k in differentiable}
+
+    _, pull = jax.vjp(outputs, p)
     (g,) = pull(cotangent)
     return ((p, r), jax.tree.map(jnp.add, acc, g)), None
 

@@ -86,9 +86,10 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> dict:
   if m.fusion.enabled:
     parts["fusion_head"] = 0  # not counted: training-only, small (see bench --fusion_overhead)
   if "partial" in config and config.partial.enabled:
-    # The unaligned image and text batches R_ot embeds every step (also before
-    # ot.start_step, whose weight is 0, not a branch), shared over the aligned
-    # batch's examples. The Sinkhorn iterations themselves are not counted.
+    # The unaligned image and text batches R_ot embeds every step once it is on
+    # (before ot.start_step a lax.cond skips them: those steps cost less),
+    # shared over the aligned batch's examples. The Sinkhorn iterations
+    # themselves are not counted.
     p = config.partial
     share = p.unaligned_batch_size * p.unaligned_views / config.batch_size
     one_view = (stem_forward_flops(img)

@@ -136,7 +136,8 @@ def loss_from_outputs(model: ItoModel, batch: dict, out: dict, config: ml_collec
                       mesh=None, *, step=None):
   """compute_loss after the towers: every term from `out` (encode's outputs
   for the aligned batch), the fusion head, and R_ot (which encodes the
-  unaligned batches in `batch` itself)."""
+  unaligned batches in `batch` itself, unless `out` already holds them:
+  objective_ot.encode_unaligned)."""
   l = config.loss
   shard_mesh = mesh if l.sharded else None
   on_shards = functools.partial(sharded.on_batch_shards, mesh=shard_mesh)

@@ -46,32 +46,64 @@ from configs import ot_sections
 from ito_jax.losses import ot as ot_lib
 
 
+UNALIGNED_INPUTS = ("unaligned_images", "unaligned_tokens")  # [U, V, H, W, 3], [U, V, L]
+UNALIGNED_OUTPUTS = ("unaligned_image_emb", "unaligned_text_emb")  # [U, V, E] each
+
+
 def measures(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
   """R_ot's measures, each [n_k, E] (module docstring), and the number of
   non-finite unaligned images, which are zeroed before the tower (a NaN
   inside the tower would make its gradient NaN even at zero weight). `out` is
-  objective.embed_batch's result for the aligned batch."""
+  objective.embed_batch's result for the aligned batch; when it also holds
+  `encode_unaligned`'s outputs (ito_jax.accumulation encodes the unaligned
+  batches in microbatches), those are used instead of running the towers."""
   if not config.partial.enabled:
     m, n = out["image_emb"].shape[1], out["text_emb"].shape[1]
     views = [out["image_emb"][:, i] for i in range(m)] + [out["text_emb"][:, j] for j in range(n)]
     return _hold_fixed(views, m, config.ot.stop_gradient), jnp.int32(0)
-  for key in ("unaligned_images", "unaligned_tokens"):
+  for key in UNALIGNED_INPUTS:
     if key not in batch:
       raise ValueError(f"batch[{key!r}]: missing; config.partial.enabled needs the partial pipeline "
                        "(ito_jax.data.partial)")
     if batch[key].shape[0] == 0:
       raise ValueError(f"batch[{key!r}]: empty unaligned batch, shape {batch[key].shape}")
-  images, tokens = batch["unaligned_images"], batch["unaligned_tokens"]  # [U, V, H, W, 3], [U, V, L]
-  u, v = images.shape[:2]
-  finite_rows = jnp.all(jnp.isfinite(images), axis=(2, 3, 4))  # [U, V]
-  images = jnp.where(finite_rows[..., None, None, None], images, 0.0)
-  image = model.encode_image(images.reshape(u * v, *images.shape[2:])).reshape(u, v, -1)  # [U, V, E]
-  text = model.encode_text(tokens.reshape(u * v, tokens.shape[-1])).reshape(u, v, -1)  # [U, V, E]
+  encoded = out if UNALIGNED_OUTPUTS[0] in out else encode_unaligned(model, batch)
+  image, text = (encoded[k] for k in UNALIGNED_OUTPUTS)  # [U, V, E] each
+  v = image.shape[1]
   if config.ot.include_aligned:  # validated: V == 1
     image = jnp.concatenate([image, out["image_emb"][:, :1]])  # [U + B, 1, E]
     text = jnp.concatenate([text, out["text_emb"][:, :1]])  # [U + B, 1, E]
   views = [image[:, i] for i in range(v)] + [text[:, i] for i in range(v)]
-  return _hold_fixed(views, v, config.ot.stop_gradient), jnp.sum(~finite_rows)
+  return _hold_fixed(views, v, config.ot.stop_gradient), jnp.sum(~_finite_rows(batch))
+
+
+def _finite_rows(batch: dict) -> jax.Array:
+  """[U, V]: whether each unaligned image view is finite everywhere."""
+  return jnp.all(jnp.isfinite(batch["unaligned_images"]), axis=(2, 3, 4))
+
+
+def encode_unaligned(model, batch: dict) -> dict:
+  """The towers over the unaligned batches: UNALIGNED_OUTPUTS, [U, V, E]
+  each. A non-finite image view is zeroed first (`measures` counts it)."""
+  images, tokens = (batch[k] for k in UNALIGNED_INPUTS)
+  u, v = images.shape[:2]
+  images = jnp.where(_finite_rows(batch)[..., None, None, None], images, 0.0)
+  image = model.encode_image(images.reshape(u * v, *images.shape[2:])).reshape(u, v, -1)
+  text = model.encode_text(tokens.reshape(u * v, tokens.shape[-1])).reshape(u, v, -1)
+  return dict(zip(UNALIGNED_OUTPUTS, (image, text)))
+
+
+def is_active(config: ml_collections.ConfigDict, step) -> jax.Array | bool:
+  """Whether R_ot is on at `step` (optimizer steps taken; None: always)."""
+  if step is None or config.ot.start_step <= 0:
+    return True
+  return step >= config.ot.start_step
+
+
+def uses_unaligned(config: ml_collections.ConfigDict) -> bool:
+  """Whether the objective encodes the unaligned batches (R_ot in partial mode)."""
+  return bool(config.partial.enabled
+              and (config.loss.ot_weight or config.loss.ot_plan_contrast_weight))
 
 
 def _hold_fixed(views: list[jax.Array], num_image: int, modality: str) -> list[jax.Array]:
@@ -119,11 +151,12 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
   Before ot.start_step a `lax.cond` skips the term's whole computation: the
   unaligned batches are not encoded (no compute, and no gradient path through
   the towers that a bad input could make NaN), and its metrics read 0."""
-  if step is None or config.ot.start_step <= 0:
-    return _ot_loss(model, batch, out, config)
+  active = is_active(config, step)
   on = lambda: _ot_loss(model, batch, out, config)
+  if active is True:
+    return on()
   off = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(on))
-  return jax.lax.cond(step >= config.ot.start_step, on, off)
+  return jax.lax.cond(active, on, off)
 
 
 def _ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict):

@@ -9,7 +9,8 @@ tests/test_sharding.py launches it and asserts on the figures.
 step:   the train step on a (data, fsdp, tensor) mesh against the same step on
         one device, same initial parameters and batches: loss of each step and
         parameters after the last, for every mesh x objective, and on (2, 2, 2)
-        with the towers in two microbatches (optim.accumulation_steps = 2).
+        with the towers in two microbatches (optim.accumulation_steps = 2);
+        partial mode with R_ot only on (2, 2, 2) in two microbatches.
 memory: the compiled per-device memory of the batch-level loss terms (value
         and gradient) at a global batch where a [B, B] float32 would dominate,
         and of a whole train step under fsdp against data parallelism; and the
@@ -46,6 +47,9 @@ OBJECTIVES = {  # name -> (loss.name, sigmoid_variant, fusion)
     "sigmoid_gather": ("sigmoid", "gather", False),
     "sigmoid_ring": ("sigmoid", "ring", False),
     "ito": ("softmax", "gather", True),
+    # Partial mode: R_ot (loop) on unaligned batches of 32, checked only with
+    # the towers in microbatches, which split the unaligned batches too.
+    "ot_partial": ("softmax", "gather", False),
 }
 STEPS = 2
 
@@ -65,6 +69,10 @@ def tiny_config(objective: str, mesh_shape=(1, 1, 1), accumulation_steps=1):
     # Pools of 4 fit every mesh here, so all runs mine the same negatives.
     c.loss.update(itm_weight=0.5, anchor_weight=0.5, itm_negative_pool=4)
     c.model.image.patch_dropout = 0.5  # 2 of 4 tokens: drawn alike on every mesh
+  if objective == "ot_partial":
+    c.partial.update(enabled=True, unaligned_batch_size=32)
+    c.loss.ot_weight = 1.0
+    c.ot.update(start_step=0, min_points=2)
   c.optim.update(learning_rate=1e-3, warmup_steps=0, accumulation_steps=accumulation_steps)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
   return c
@@ -110,7 +118,8 @@ def check_steps():
       references[objective] = reference = run_steps(tiny_config(objective), devices[:1])
     # Every mesh in one pass, and (2, 2, 2) again with the towers in two
     # microbatches of 16 (optim.accumulation_steps: the same gradient).
-    for shape, steps in [(shape, 1) for shape in MESHES] + [((2, 2, 2), 2)]:
+    runs = [(shape, 1) for shape in MESHES] * (objective != "ot_partial") + [((2, 2, 2), 2)]
+    for shape, steps in runs:
       losses, params, seconds, layout, update = run_steps(tiny_config(objective, shape, steps),
                                                           devices)
       diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),

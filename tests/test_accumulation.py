@@ -37,6 +37,18 @@ def tiny_config(kind: str, steps: int = 1):
     c.partial.update(enabled=True, unaligned_batch_size=8)
     c.loss.ot_weight = 1.0
     c.ot.update(start_step=0, min_points=2, include_aligned=True)
+  elif kind == "ot_images_fixed":  # the barycenter and the plan contrast, image pool held fixed
+    c.partial.update(enabled=True, unaligned_batch_size=8)
+    c.loss.update(ot_weight=1.0, ot_plan_contrast_weight=1.0)
+    c.ot.update(start_step=0, min_points=2, variant="barycenter", stop_gradient="image")
+  elif kind == "ot_two_views":  # K = 4 measures, two views of every unaligned sample
+    c.partial.update(enabled=True, unaligned_batch_size=8, unaligned_views=2)
+    c.loss.ot_weight = 1.0
+    c.ot.update(start_step=0, min_points=2, gamma=1.0)
+  elif kind == "ot_not_started":  # step 0 < ot.start_step: the unaligned batches are skipped
+    c.partial.update(enabled=True, unaligned_batch_size=8)
+    c.loss.ot_weight = 1.0
+    c.ot.update(start_step=1, min_points=2)
   common.validate(c)
   return c
 
@@ -61,7 +73,8 @@ def largest(tree) -> float:
   return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "scan_layers", "patch_dropout", "ito", "ot"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "scan_layers", "patch_dropout", "ito", "ot",
+                                  "ot_images_fixed", "ot_two_views", "ot_not_started"])
 def test_microbatched_towers_give_the_whole_batch_gradient(kind):
   batch = jax.tree.map(jnp.asarray, random_batch(tiny_config(kind)))
   batch = objective.with_patch_dropout(batch, tiny_config(kind), 0)
@@ -135,15 +148,30 @@ def test_invalid_accumulation_steps_name_the_field(value, devices, match):
     common.validate(config, num_devices=devices)
 
 
-def test_microbatches_lower_the_compiled_step_memory():
+def test_unaligned_batches_must_split_into_the_microbatches():
+  config = tiny_config("ot")  # 16 aligned samples split into 16 microbatches; 8 unaligned do not
+  config.optim.accumulation_steps = 16
+  config.batch_size = 16
+  with pytest.raises(common.ConfigError, match=r"config\.optim\.accumulation_steps: 16 microbatches "
+                     r"of partial\.unaligned_batch_size 8 .*multiple of 16 x 1 = 16"):
+    common.validate(config)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "ot"])
+def test_microbatches_lower_the_compiled_step_memory(kind):
   """The compiled train step's temporary memory (a deterministic figure of
   the compiler, not a timing) at 4 microbatches against one pass, on a shape
-  where the towers' activations dominate."""
+  where the towers' activations dominate: the aligned batch's, or ("ot") the
+  unaligned batches' that R_ot reads, four times as many samples."""
   temp = {}
   for steps in (1, 4):
-    config = tiny_config("softmax", steps)
-    config.batch_size = 64
+    config = tiny_config(kind, steps)
     config.model.image.update(image_size=32, patch_size=4, width=64, depth=2)
+    if kind == "ot":
+      config.partial.unaligned_batch_size = 64
+      config.ot.include_aligned = False
+    else:
+      config.batch_size = 64
     common.validate(config)
     mesh = sharding.make_mesh(config, jax.devices()[:1])
     graphdef, state = train.abstract_model_and_optimizer(config, mesh)
