@@ -62,6 +62,19 @@ def test_a_kept_token_keeps_its_own_position(model):
   assert float(jnp.max(jnp.abs(a - b))) > 1e-3
 
 
+@pytest.mark.parametrize("keep, match", [
+    ([[0, 16]], r"must lie in \[0, 16\), got values from 0 to 16"),
+    ([[-1, 3]], r"must lie in \[0, 16\), got values from -1 to 3"),
+    ([[0.0, 1.0]], "integer patch indices, got dtype float32"),
+    ([0, 1], r"\[batch=1, K\] patch indices with 1 <= K <= 16, got shape \(2,\)"),
+    ([list(range(16)) + [0]], r"got shape \(1, 17\)"),
+])
+def test_bad_keep_indices_fail_with_a_clear_error(model, keep, match):
+  """Out of range, a gather would read NaN into the embedding, not fail."""
+  with pytest.raises(ValueError, match="keep: .*" + match):
+    model.image_features(images(), jnp.array(keep))
+
+
 def test_without_keep_every_token_is_encoded(model):
   """Evaluation and serving (keep=None) see the whole image, so the rate in
   the config does not change them; keeping every token in order is the same."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ito_jax.models.transformer import Encoder, EncoderSpec, layer_norm, partitioned
@@ -80,6 +81,25 @@ class ConvStem(nnx.Module):
     return self.out(x)
 
 
+def check_keep(keep, batch: int, patches: int) -> None:
+  """Raises ValueError unless `keep` is [batch, K] integer indices, 1 <= K <=
+  patches, each in [0, patches). Shapes are checked always, values when they
+  are concrete (not traced): under jit an out-of-range index would gather
+  NaN, so traced indices must come from with_patch_dropout, which draws them
+  in range."""
+  shape, dtype = jnp.shape(keep), jnp.result_type(keep)
+  if len(shape) != 2 or shape[0] != batch or not 1 <= shape[1] <= patches:
+    raise ValueError(f"keep: expected [batch={batch}, K] patch indices with 1 <= K <= {patches}, "
+                     f"got shape {shape}")
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"keep: expected integer patch indices, got dtype {dtype}")
+  if not isinstance(keep, jax.core.Tracer):
+    values = np.asarray(keep)
+    if values.min() < 0 or values.max() >= patches:
+      raise ValueError(f"keep: patch indices must lie in [0, {patches}), got values from "
+                       f"{values.min()} to {values.max()}")
+
+
 class VisionTransformer(nnx.Module):
 
   def __init__(self, *, image_size: int, patch_size: int, spec: EncoderSpec, rngs: nnx.Rngs,
@@ -120,6 +140,7 @@ class VisionTransformer(nnx.Module):
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, patches, width]
     x = x + self.pos_embedding[...].astype(x.dtype)
     if keep is not None:
+      check_keep(keep, x.shape[0], x.shape[1])
       x = jnp.take_along_axis(x, keep[..., None], axis=1)  # [batch, K, width]
     tokens = self.norm(self.encoder(x))
     return tokens.mean(axis=1), tokens
