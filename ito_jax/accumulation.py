@@ -26,9 +26,11 @@ in the batch as `patch_keep` and are split with the images), so both passes
 compute the same function. R_ot's unaligned image and text batches
 (partial mode) are outputs of the towers like the aligned ones: encoded in A
 microbatches in steps 1 and 3, before ot.start_step not at all, and coupled
-whole only by R_ot in step 2. What still runs on the whole batch is what
-comes after the towers: the fusion head over the view-0 token sequences, and
-the Sinkhorn solves.
+whole only by R_ot in step 2. In step 2 the fusion head runs in A
+rematerialised chunks too (objective.fuse), so its activations are one
+chunk's; what still takes the whole batch is the towers' outputs themselves
+(the view-0 token sequences the head reads among them) and the Sinkhorn
+solves.
 """
 
 from __future__ import annotations
@@ -37,31 +39,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from ito_jax import objective, objective_ot
-from ito_jax.sharding import BATCH_AXES
+from ito_jax import objective, objective_ot, sharding
 
 ALIGNED_INPUTS = ("images", "tokens", "patch_keep")  # the batch entries embed_batch reads
-
-
-def _split(x: jax.Array, steps: int, mesh) -> jax.Array:
-  """[B, ...] -> [steps, B / steps, ...]: microbatch j holds samples j,
-  steps + j, 2 steps + j, ..., so each device's contiguous block of the batch
-  gives every microbatch the same number of rows and none moves."""
-  y = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
-  if mesh is not None:
-    y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, BATCH_AXES)))
-  return y
-
-
-def _merge(y: jax.Array, mesh) -> jax.Array:
-  """The inverse of _split: samples back in batch order."""
-  x = y.swapaxes(0, 1).reshape(-1, *y.shape[2:])
-  if mesh is not None:
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
-  return x
 
 
 def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=None, *,
@@ -99,7 +80,7 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
       out.update(on() if active is True else jax.lax.cond(active, on, off))
     return out
 
-  micro = {k: _split(batch[k], steps, mesh) for k in inputs}
+  micro = {k: sharding.split_microbatches(batch[k], steps, mesh) for k in inputs}
 
   # The loop bodies take the model's state through their carry, not from the
   # enclosing trace: nnx transforms inside the towers (model.scan_layers)
@@ -109,7 +90,7 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
     return carry, encode(*carry, mb)
 
   _, outs = jax.lax.scan(forward, (params, rest), micro)
-  out = {k: _merge(v, mesh) for k, v in outs.items()}
+  out = {k: sharding.merge_microbatches(v, mesh) for k, v in outs.items()}
 
   # 2. The loss on the whole batch of outputs: its gradient w.r.t. the
   #    parameters used after the towers and w.r.t. the outputs.
@@ -134,6 +115,6 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
     (g,) = pull(cotangent)
     return ((p, r), jax.tree.map(jnp.add, acc, g)), None
 
-  cotangents = {k: _split(v, steps, mesh) for k, v in out_grads.items()}
+  cotangents = {k: sharding.split_microbatches(v, steps, mesh) for k, v in out_grads.items()}
   (_, grads), _ = jax.lax.scan(tower_grads, ((params, rest), grads), (micro, cotangents))
   return (loss, metrics), grads

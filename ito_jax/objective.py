@@ -19,9 +19,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 from jax.sharding import NamedSharding
 
-from ito_jax import objective_ot
+from ito_jax import objective_ot, sharding
 from ito_jax.losses import fusion as fusion_losses
 from ito_jax.losses import sharded
 from ito_jax.losses.sharded import BATCH, REPLICATED
@@ -87,7 +88,27 @@ def without_patch_dropout(config: ml_collections.ConfigDict) -> ml_collections.C
   return config
 
 
-def itm_through_head(head, out: dict, negatives):
+def fuse(head, text_tokens, text_mask, image_tokens, chunks: int = 1, mesh=None):
+  """head(text_tokens [N, T, Dt], text_mask [N, T], image_tokens [N, P, Dv])
+  -> fused [N, W], over the N pairs in `chunks` rematerialised chunks (rows
+  strided as sharding.split_microbatches lays them out): the backward pass
+  keeps one chunk's activations at a time and recomputes them, the head's
+  forward run twice. The same values as one call; chunks = 1 is one call.
+  Under optim.accumulation_steps = A the head runs in A chunks, so its
+  activations shrink with A like the towers'."""
+  if chunks == 1:
+    return head(text_tokens, text_mask, image_tokens)
+  graphdef, state = nnx.split(head)
+
+  @jax.checkpoint
+  def one(xs):
+    return nnx.merge(graphdef, state)(*xs)
+
+  xs = tuple(sharding.split_microbatches(x, chunks, mesh) for x in (text_tokens, text_mask, image_tokens))
+  return sharding.merge_microbatches(jax.lax.map(one, xs), mesh)
+
+
+def itm_through_head(head, out: dict, negatives, chunks: int = 1, mesh=None):
   """ITM on the true pairs and the mined negatives, and the true pairs' fused
   vectors (reused by the anchor loss).
 
@@ -102,7 +123,7 @@ def itm_through_head(head, out: dict, negatives):
   images = jnp.stack([image_tokens, image_tokens, neg_image_tokens], axis=1)  # [B, 3, P, Dv]
   pairs = lambda x: x.reshape(-1, *x.shape[2:])  # [B*3, ...]
   b = text_tokens.shape[0]
-  fused = head(pairs(texts), pairs(masks), pairs(images)).reshape(b, 3, -1)  # [B, 3, W]
+  fused = fuse(head, pairs(texts), pairs(masks), pairs(images), chunks, mesh).reshape(b, 3, -1)  # [B, 3, W]
   logits = head.match_logit(fused)  # [B, 3]
   loss, aux = fusion_losses.itm_loss_from_logits(logits[:, 0], logits[:, 1:].reshape(-1))
   return loss, aux, fused[:, 0]
@@ -158,6 +179,7 @@ def loss_from_outputs(model: ItoModel, batch: dict, out: dict, config: ml_collec
   head = model.fusion_head
   if head is not None and (l.itm_weight or l.anchor_weight):
     fused = None
+    chunks = config.optim.accumulation_steps
     if l.itm_weight:
       negatives = on_shards(
           functools.partial(sharded.itm_negatives, pool=l.itm_negative_pool),
@@ -165,13 +187,14 @@ def loss_from_outputs(model: ItoModel, batch: dict, out: dict, config: ml_collec
               jax.lax.stop_gradient(image0), jax.lax.stop_gradient(text0),
               jax.lax.stop_gradient(scale), out["text_tokens"], out["text_mask"],
               out["image_tokens"])
-      itm, itm_aux, fused = itm_through_head(head, out, negatives)
+      itm, itm_aux, fused = itm_through_head(head, out, negatives, chunks, mesh)
       loss = loss + l.itm_weight * itm
       metrics["loss/itm"] = itm
       metrics.update({f"fusion/{k}": v for k, v in itm_aux.items()})
     if l.anchor_weight:
       if fused is None:
-        fused = head(out["text_tokens"], out["text_mask"], out["image_tokens"])  # [B, W]
+        fused = fuse(head, out["text_tokens"], out["text_mask"], out["image_tokens"], chunks,
+                     mesh)  # [B, W]
       anchors = head.anchor(fused)  # [B, E]
       # The anchor contrast reads the temperature but does not train it: the
       # fused anchor sees both modalities, so its contrast is easier than the

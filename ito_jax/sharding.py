@@ -109,6 +109,24 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
+def split_microbatches(x: jax.Array, steps: int, mesh) -> jax.Array:
+  """[B, ...] -> [steps, B / steps, ...]: microbatch j holds samples j,
+  steps + j, 2 steps + j, ..., so each device's contiguous block of the batch
+  gives every microbatch the same number of rows and none moves."""
+  y = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+  if mesh is not None:
+    y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, BATCH_AXES)))
+  return y
+
+
+def merge_microbatches(y: jax.Array, mesh) -> jax.Array:
+  """The inverse of split_microbatches: samples back in batch order."""
+  x = y.swapaxes(0, 1).reshape(-1, *y.shape[2:])
+  if mesh is not None:
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+  return x
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
