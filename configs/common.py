@@ -161,6 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
   # V: augmented views of each unaligned image and distinct captions of each
   # unaligned text; R_ot then has K = 2V measures (objective_ot.measures).
   p.unaligned_views = 1
+  # Also drop model.image.patch_dropout's share of the unaligned images'
+  # patch tokens (their own draw), so R_ot's image measures cost what the
+  # aligned images do; False encodes them whole.
+  p.unaligned_patch_dropout = False
 
   # ---- optimizer: AdamW, linear warmup then cosine decay, global-norm clipping
   c.optim = o = ml_collections.ConfigDict()

@@ -68,6 +68,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int)
     for count, what in ((num_devices, "device"), (num_processes, "process")):
       _require(u % count == 0, "partial.unaligned_batch_size",
                f"{u} is not divisible by the {what} count {count}")
+    _require(isinstance(p.unaligned_patch_dropout, bool), "partial.unaligned_patch_dropout",
+             f"must be True or False, got {p.unaligned_patch_dropout!r}")
+    _require(not p.unaligned_patch_dropout or c.model.image.patch_dropout > 0,
+             "partial.unaligned_patch_dropout", "is True but model.image.patch_dropout is 0")
     v = p.unaligned_views
     _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, "partial.unaligned_views",
              f"must be an integer >= 1, got {v!r}")
@@ -77,6 +81,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int)
                f"measure), got {v}")
   else:
     _require(not p.unseen_classes, "partial.unseen_classes", "is set but partial.enabled is False")
+    _require(not p.unaligned_patch_dropout, "partial.unaligned_patch_dropout",
+             "is True but partial.enabled is False")
   num_measures, total_points = num_ot_measures(c)
   try:
     ot_lib.validate_config(ot_solver_config(c), num_measures=num_measures, total_points=total_points)

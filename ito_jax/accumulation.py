@@ -64,6 +64,7 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
   pools = objective_ot.uses_unaligned(config)
   if pools:
     inputs += list(objective_ot.UNALIGNED_INPUTS)
+    inputs += [objective_ot.UNALIGNED_KEEP] * (objective_ot.UNALIGNED_KEEP in batch)
     fixed = {"image": objective_ot.UNALIGNED_OUTPUTS[0], "text": objective_ot.UNALIGNED_OUTPUTS[1],
              "": None}[config.ot.stop_gradient]
     differentiable += [k for k in objective_ot.UNALIGNED_OUTPUTS if k != fixed]

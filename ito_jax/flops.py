@@ -92,8 +92,9 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> dict:
     # themselves are not counted.
     p = config.partial
     share = p.unaligned_batch_size * p.unaligned_views / config.batch_size
+    tokens = vit.kept_patches(img) if p.unaligned_patch_dropout else patches
     one_view = (stem_forward_flops(img)
-                + encoder_forward_flops(patches, img.width, img.depth, int(img.width * img.mlp_ratio))
+                + encoder_forward_flops(tokens, img.width, img.depth, int(img.width * img.mlp_ratio))
                 + encoder_forward_flops(txt.context_length, txt.width, txt.depth,
                                         int(txt.width * txt.mlp_ratio))
                 + 2 * m.embed_dim * (img.width + txt.width))

@@ -65,18 +65,26 @@ def with_patch_dropout(batch: dict, config: ml_collections.ConfigDict, step, mes
   patch tokens it keeps under model.image.patch_dropout (FLIP, Li et al.
   2023), drawn uniformly without replacement from config.seed and `step`, so
   a resumed run draws what the uninterrupted one did. Unchanged at rate 0.
-  R_ot's unaligned images are encoded whole."""
+  With partial.unaligned_patch_dropout, also "unaligned_patch_keep" [U, V, K]
+  for R_ot's unaligned images (a draw of their own); otherwise those are
+  encoded whole."""
   image = config.model.image
   if not image.patch_dropout:
     return batch
-  b, m = batch["images"].shape[:2]
-  patches = (image.image_size // image.patch_size) ** 2
   stream = jax.random.fold_in(jax.random.key(config.seed), PATCH_DROPOUT_STREAM)
-  noise = jax.random.uniform(jax.random.fold_in(stream, step), (b, m, patches))
-  _, keep = jax.lax.top_k(noise, vit.kept_patches(image))  # [B, M, K]
-  if mesh is not None:
-    keep = jax.lax.with_sharding_constraint(keep, NamedSharding(mesh, BATCH))
-  return {**batch, "patch_keep": keep}
+  stream = jax.random.fold_in(stream, step)
+
+  def draw(key, images):
+    noise = jax.random.uniform(key, (*images.shape[:2], (image.image_size // image.patch_size) ** 2))
+    _, keep = jax.lax.top_k(noise, vit.kept_patches(image))  # [rows, views, K]
+    if mesh is not None:
+      keep = jax.lax.with_sharding_constraint(keep, NamedSharding(mesh, BATCH))
+    return keep
+
+  batch = {**batch, "patch_keep": draw(stream, batch["images"])}
+  if config.partial.enabled and config.partial.unaligned_patch_dropout:
+    batch["unaligned_patch_keep"] = draw(jax.random.fold_in(stream, 1), batch["unaligned_images"])
+  return batch
 
 
 def without_patch_dropout(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -85,6 +93,7 @@ def without_patch_dropout(config: ml_collections.ConfigDict) -> ml_collections.C
   config = copy.deepcopy(config)
   config.model.image.patch_dropout = 0.0
   config.model.image.unmasked_final_steps = 0
+  config.partial.unaligned_patch_dropout = False
   return config
 
 

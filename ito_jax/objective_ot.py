@@ -48,6 +48,7 @@ from ito_jax.losses import ot as ot_lib
 
 UNALIGNED_INPUTS = ("unaligned_images", "unaligned_tokens")  # [U, V, H, W, 3], [U, V, L]
 UNALIGNED_OUTPUTS = ("unaligned_image_emb", "unaligned_text_emb")  # [U, V, E] each
+UNALIGNED_KEEP = "unaligned_patch_keep"  # [U, V, K]: objective.with_patch_dropout
 
 
 def measures(model, batch: dict, out: dict, config: ml_collections.ConfigDict):
@@ -84,11 +85,14 @@ def _finite_rows(batch: dict) -> jax.Array:
 
 def encode_unaligned(model, batch: dict) -> dict:
   """The towers over the unaligned batches: UNALIGNED_OUTPUTS, [U, V, E]
-  each. A non-finite image view is zeroed first (`measures` counts it)."""
+  each. A non-finite image view is zeroed first (`measures` counts it); with
+  batch[UNALIGNED_KEEP] each image view encodes only those patch tokens."""
   images, tokens = (batch[k] for k in UNALIGNED_INPUTS)
   u, v = images.shape[:2]
   images = jnp.where(_finite_rows(batch)[..., None, None, None], images, 0.0)
-  image = model.encode_image(images.reshape(u * v, *images.shape[2:])).reshape(u, v, -1)
+  keep = batch.get(UNALIGNED_KEEP)  # [U, V, K] with partial.unaligned_patch_dropout
+  keep = None if keep is None else keep.reshape(u * v, keep.shape[-1])
+  image = model.image_features(images.reshape(u * v, *images.shape[2:]), keep)[0].reshape(u, v, -1)
   text = model.encode_text(tokens.reshape(u * v, tokens.shape[-1])).reshape(u, v, -1)
   return dict(zip(UNALIGNED_OUTPUTS, (image, text)))
 

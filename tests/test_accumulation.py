@@ -45,6 +45,11 @@ def tiny_config(kind: str, steps: int = 1):
     c.partial.update(enabled=True, unaligned_batch_size=8, unaligned_views=2)
     c.loss.ot_weight = 1.0
     c.ot.update(start_step=0, min_points=2, gamma=1.0)
+  elif kind == "ot_patch_dropout":  # the unaligned images keep half their tokens, split with them
+    c.partial.update(enabled=True, unaligned_batch_size=8, unaligned_patch_dropout=True)
+    c.model.image.patch_dropout = 0.5
+    c.loss.ot_weight = 1.0
+    c.ot.update(start_step=0, min_points=2)
   elif kind == "ot_not_started":  # step 0 < ot.start_step: the unaligned batches are skipped
     c.partial.update(enabled=True, unaligned_batch_size=8)
     c.loss.ot_weight = 1.0
@@ -74,7 +79,8 @@ def largest(tree) -> float:
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid", "scan_layers", "patch_dropout", "ito", "ot",
-                                  "ot_images_fixed", "ot_two_views", "ot_not_started"])
+                                  "ot_images_fixed", "ot_two_views", "ot_patch_dropout",
+                                  "ot_not_started"])
 def test_microbatched_towers_give_the_whole_batch_gradient(kind):
   batch = jax.tree.map(jnp.asarray, random_batch(tiny_config(kind)))
   batch = objective.with_patch_dropout(batch, tiny_config(kind), 0)

@@ -53,6 +53,14 @@ def test_views_multiply_their_parts():
   one = flops.forward_flops_per_example(c)["unaligned_towers"]
   c.partial.unaligned_views = 3
   assert flops.forward_flops_per_example(c)["unaligned_towers"] == 3 * one
+  # Patch dropout (0.5: 8 of 16 tokens) reaches the unaligned images only
+  # with partial.unaligned_patch_dropout: 2 unaligned images per example.
+  c.partial.unaligned_views = 1
+  c.model.image.patch_dropout = 0.5
+  assert flops.forward_flops_per_example(c)["unaligned_towers"] == one
+  c.partial.unaligned_patch_dropout = True
+  saved = flops.encoder_forward_flops(16, 64, 2, 256) - flops.encoder_forward_flops(8, 64, 2, 256)
+  assert flops.forward_flops_per_example(c)["unaligned_towers"] == one - 2 * saved
 
 
 def test_conv_stem_flops_by_hand():

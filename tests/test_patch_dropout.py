@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import common, tiny_cpu
-from ito_jax import objective, train
+from ito_jax import objective, objective_ot, train
 from ito_jax.bench import random_batch
 from ito_jax.models import vit
 from ito_jax.models.ito import ItoModel
@@ -106,6 +106,68 @@ def test_each_step_and_view_draws_its_own_subset():
   init_noise = jax.random.uniform(jax.random.fold_in(jax.random.key(c.seed), 0),
                                   keep0.shape[:2] + (patches,))
   assert not np.array_equal(keep0, np.asarray(jax.lax.top_k(init_noise, keep0.shape[-1])[1]))
+
+
+def partial_config(rate=0.5, unaligned=True):
+  c = config(rate)
+  c.batch_size = 4
+  c.partial.update(enabled=True, unaligned_batch_size=8, unaligned_views=2,
+                   unaligned_patch_dropout=unaligned)
+  c.loss.ot_weight = 1.0
+  c.ot.update(start_step=0, min_points=2)
+  return c
+
+
+def test_unaligned_images_draw_their_own_subsets_when_asked():
+  c = partial_config()
+  common.validate(c)
+  batch = {k: jnp.asarray(v) for k, v in random_batch(c).items()}
+  out = objective.with_patch_dropout(batch, c, 3)
+  keep = np.asarray(out["unaligned_patch_keep"])
+  patches = (c.model.image.image_size // c.model.image.patch_size) ** 2
+  assert keep.shape == (8, 2, patches // 2)
+  assert keep.min() >= 0 and keep.max() < patches
+  assert all(len(set(row)) == row.size for row in keep.reshape(-1, keep.shape[-1]))
+  assert len({tuple(sorted(row)) for row in keep.reshape(-1, keep.shape[-1])}) == 16
+  # The aligned draw is the one without the flag, and a resumed run repeats both.
+  np.testing.assert_array_equal(
+      out["patch_keep"], objective.with_patch_dropout(batch, partial_config(unaligned=False), 3)["patch_keep"])
+  np.testing.assert_array_equal(objective.with_patch_dropout(batch, c, 3)["unaligned_patch_keep"], keep)
+  assert "unaligned_patch_keep" not in objective.with_patch_dropout(batch, partial_config(unaligned=False), 3)
+  assert "unaligned_patch_keep" not in objective.with_patch_dropout(
+      batch, objective.without_patch_dropout(c), 3)  # FLIP's unmasked phase encodes them whole
+
+
+def test_only_kept_patches_reach_the_unaligned_embeddings(model):
+  """R_ot's image measures under partial.unaligned_patch_dropout: a patch
+  left out of an unaligned image changes nothing, a kept one does."""
+  images_ = jnp.stack([images(seed=1), images(seed=2)], axis=1)  # [U=1, V=2, H, W, 3]
+  batch = {"unaligned_images": images_, "unaligned_tokens": jnp.ones((1, 2, 8), jnp.int32),
+           "unaligned_patch_keep": jnp.array([[[0, 5, 9, 14], [1, 2, 3, 4]]])}
+  emb = lambda b: objective_ot.encode_unaligned(model, b)["unaligned_image_emb"]
+  base = emb(batch)
+  np.testing.assert_allclose(base[0, 0], model.image_features(images(seed=1), jnp.array([[0, 5, 9, 14]]))[0][0],
+                             rtol=1e-5, atol=1e-6)
+  dropped = emb({**batch, "unaligned_images": images_.at[:, 0].set(set_patch(images_[:, 0], 1, 0.7))})
+  np.testing.assert_array_equal(dropped, base)
+  kept = emb({**batch, "unaligned_images": images_.at[:, 0].set(set_patch(images_[:, 0], 5, 0.7))})
+  assert float(jnp.max(jnp.abs(kept[0, 0] - base[0, 0]))) > 1e-3
+  np.testing.assert_array_equal(kept[0, 1], base[0, 1])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(rate=0.0), "is True but model.image.patch_dropout is 0"),
+    (dict(enabled=False), "is True but partial.enabled is False"),
+    (dict(value=None), "must be True or False, got None"),
+])
+def test_invalid_unaligned_patch_dropout_names_the_field(change, match):
+  c = partial_config(rate=change.get("rate", 0.5))
+  c.partial.enabled = change.get("enabled", True)
+  if not c.partial.enabled:
+    c.loss.ot_weight = 0.0
+  c.partial.unaligned_patch_dropout = change.get("value", True)
+  with pytest.raises(common.ConfigError, match=r"config\.partial\.unaligned_patch_dropout: " + match):
+    common.validate(c)
 
 
 @pytest.mark.parametrize("rate, size, patch, match", [
