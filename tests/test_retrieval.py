@@ -45,6 +45,41 @@ def test_gallery_ranks_are_the_ranks_of_each_slice():
   assert retrieval.recall_at_k(image, caption, gallery=12) == retrieval.recall_at_k(image, caption)
 
 
+def _sorted_ranks(image, caption):
+  """The ranks by sorting every row, for data without ties."""
+  num_images, num_captions = caption.shape[:2]
+  owner = np.repeat(np.arange(num_images), num_captions)
+  sim = image @ caption.reshape(num_images * num_captions, -1).T
+  i2t = (owner[np.argsort(-sim, axis=1)] == np.arange(num_images)[:, None]).argmax(axis=1)
+  t2i = (np.argsort(-sim.T, axis=1) == owner[:, None]).argmax(axis=1)
+  return i2t, t2i
+
+
+def test_ranks_are_those_of_a_sort_when_nothing_ties():
+  rng = np.random.default_rng(1)
+  image = _unit(rng.normal(size=(40, 8)))
+  caption = _unit(rng.normal(size=(40, 3, 8)))
+  for got, want in zip(retrieval.ranks(image, caption), _sorted_ranks(image, caption)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_ties_count_against_the_query():
+  """Captions 0 and 1 are one text (identical embeddings), so image 0's own
+  caption ties with image 1's: rank 1, not the 0 a sort could hand it. Images
+  2 and 3 are identical, so caption 2 ties between them: rank 1 too. A
+  collapsed model scores 0 at every K below the gallery size."""
+  image = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 1], [0, 0, 1]], np.float64)
+  caption = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]], np.float64)[:, None]
+  # Similarities, image rows x caption columns:
+  #   [1, 1, 0, 0], [.6, .6, 0, .8], [0, 0, 1, 0], [0, 0, 1, 0]
+  i2t, t2i = retrieval.ranks(image, caption)
+  np.testing.assert_array_equal(i2t, [1, 2, 0, 3])
+  np.testing.assert_array_equal(t2i, [0, 1, 1, 3])
+  collapsed = retrieval.recall_at_k(np.ones((5, 2)) / 2 ** 0.5, np.ones((5, 1, 2)) / 2 ** 0.5, ks=(1, 4))
+  assert collapsed["retrieval/i2t_r1"] == collapsed["retrieval/t2i_r1"] == 0.0
+  assert collapsed["retrieval/i2t_r4"] == collapsed["retrieval/t2i_r4"] == 0.0
+
+
 def test_a_gallery_that_does_not_divide_the_split_is_an_error():
   image = np.eye(4, dtype=np.float32)
   with pytest.raises(ValueError, match="eval.retrieval_gallery: 3 does not divide the 4"):

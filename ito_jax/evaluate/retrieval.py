@@ -13,19 +13,24 @@ import numpy as np
 
 def ranks(image_emb, caption_emb) -> tuple[np.ndarray, np.ndarray]:
   """0-based ranks: of each image's best-ranked true caption [E], and of each
-  caption's image [E*C] (caption c of image i at i*C + c)."""
+  caption's image [E*C] (caption c of image i at i*C + c).
+
+  A rank is the number of wrong candidates scoring at least as high as the
+  true one: ties count against the query. Identical captions of different
+  images (templated captions repeat) therefore give neither image a hit at
+  rank 0, and a collapsed model scores 0, not whatever a sort's tie order
+  would hand it."""
   num_images, num_captions = caption_emb.shape[:2]
   captions = caption_emb.reshape(num_images * num_captions, -1)  # [E*C, D]
   caption_owner = np.repeat(np.arange(num_images), num_captions)  # [E*C]
   sim = image_emb @ captions.T  # [E, E*C]
+  true = caption_owner[None, :] == np.arange(num_images)[:, None]  # [E, E*C]
 
-  # Rank of the best-ranked true caption for each image.
-  order = np.argsort(-sim, axis=1)
-  hits = caption_owner[order] == np.arange(num_images)[:, None]  # [E, E*C]
-  i2t_rank = hits.argmax(axis=1)
-  # Rank of the true image for each caption.
-  order_t = np.argsort(-sim.T, axis=1)  # [E*C, E]
-  t2i_rank = (order_t == caption_owner[:, None]).argmax(axis=1)
+  best_true = sim.reshape(num_images, num_images, num_captions)[np.arange(num_images), np.arange(num_images)]
+  best_true = best_true.max(axis=1)  # [E]: each image's best true caption
+  i2t_rank = np.sum((sim >= best_true[:, None]) & ~true, axis=1)
+  true_image = sim[caption_owner, np.arange(num_images * num_captions)]  # [E*C]
+  t2i_rank = np.sum((sim >= true_image[None, :]) & ~true, axis=0)
   return i2t_rank, t2i_rank
 
 
