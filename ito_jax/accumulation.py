@@ -65,9 +65,9 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
   if pools:
     inputs += list(objective_ot.UNALIGNED_INPUTS)
     inputs += [objective_ot.UNALIGNED_KEEP] * (objective_ot.UNALIGNED_KEEP in batch)
-    fixed = {"image": objective_ot.UNALIGNED_OUTPUTS[0], "text": objective_ot.UNALIGNED_OUTPUTS[1],
-             "": None}[config.ot.stop_gradient]
-    differentiable += [k for k in objective_ot.UNALIGNED_OUTPUTS if k != fixed]
+    # A modality held fixed by ot.stop_gradient needs no second pass.
+    differentiable += [k for k, modality in zip(objective_ot.UNALIGNED_OUTPUTS, ("image", "text"))
+                       if modality != config.ot.stop_gradient]
   # Before ot.start_step the unaligned batches are not encoded (as in one pass).
   active = objective_ot.is_active(config, step)
 
@@ -76,9 +76,7 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
     out = objective.encode(model, micro, mesh)
     out = {k: out[k] for k in keys}
     if pools:
-      on = lambda: objective_ot.encode_unaligned(model, micro)
-      off = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(on))
-      out.update(on() if active is True else jax.lax.cond(active, on, off))
+      out.update(objective_ot.when_active(active, lambda: objective_ot.encode_unaligned(model, micro)))
     return out
 
   micro = {k: sharding.split_microbatches(batch[k], steps, mesh) for k in inputs}

@@ -104,6 +104,16 @@ def is_active(config: ml_collections.ConfigDict, step) -> jax.Array | bool:
   return step >= config.ot.start_step
 
 
+def when_active(active, fn):
+  """fn() when `active` is True; otherwise a traced `lax.cond` that runs fn
+  only if `active` holds and else returns zeros of fn's output shapes (so
+  before ot.start_step nothing of fn is computed)."""
+  if active is True:
+    return fn()
+  off = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn))
+  return jax.lax.cond(active, fn, off)
+
+
 def uses_unaligned(config: ml_collections.ConfigDict) -> bool:
   """Whether the objective encodes the unaligned batches (R_ot in partial mode)."""
   return bool(config.partial.enabled
@@ -155,12 +165,7 @@ def ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict, st
   Before ot.start_step a `lax.cond` skips the term's whole computation: the
   unaligned batches are not encoded (no compute, and no gradient path through
   the towers that a bad input could make NaN), and its metrics read 0."""
-  active = is_active(config, step)
-  on = lambda: _ot_loss(model, batch, out, config)
-  if active is True:
-    return on()
-  off = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(on))
-  return jax.lax.cond(active, on, off)
+  return when_active(is_active(config, step), lambda: _ot_loss(model, batch, out, config))
 
 
 def _ot_loss(model, batch: dict, out: dict, config: ml_collections.ConfigDict):

@@ -157,7 +157,6 @@ def test_invalid_accumulation_steps_name_the_field(value, devices, match):
 def test_unaligned_batches_must_split_into_the_microbatches():
   config = tiny_config("ot")  # 16 aligned samples split into 16 microbatches; 8 unaligned do not
   config.optim.accumulation_steps = 16
-  config.batch_size = 16
   with pytest.raises(common.ConfigError, match=r"config\.optim\.accumulation_steps: 16 microbatches "
                      r"of partial\.unaligned_batch_size 8 .*multiple of 16 x 1 = 16"):
     common.validate(config)
