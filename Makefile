@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# Test processes (pytest-xdist); `make test TEST_WORKERS=8` on a bigger machine.
+TEST_WORKERS ?= 2
+
 .PHONY: demo test test-fast venv clean
 
 venv: $(STAMP)
@@ -19,10 +22,10 @@ demo: $(STAMP)
 	$(PY) -m ito_jax.main --config=configs/tiny_cpu.py --workdir=workdirs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) workdirs

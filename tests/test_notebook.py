@@ -32,6 +32,9 @@ def cell_with(nb, needle):
 def test_demo_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   workdir = tmp_path / "demo"
   monkeypatch.setenv("ITO_DEMO_WORKDIR", str(workdir))  # the kernel inherits it
+  # The kernel trains for a while: XLA's default flags, not the suite's fast
+  # compilation (tests/conftest.py), as on a user's runtime.
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit it without outputs"
   assert "parameters" in nb.cells[1].metadata.get("tags", [])
