@@ -68,7 +68,7 @@ def test_fusion_loss_gradients_reach_both_towers(config, inputs, which):
     fused = head(txt_tok, mask, img_tok)
     return fusion_losses.anchor_loss(img_emb, txt_emb, head.anchor(fused), model.logit_scale)[0]
 
-  grads = nnx.grad(fusion_only)(model)
+  grads = nnx.jit(nnx.grad(fusion_only))(model)
   for tower in ("image_tower", "text_tower", "fusion_head"):
     norm = optax_norm(grads[tower])
     assert norm > 1e-6, f"no gradient from the {which} loss into {tower}"

@@ -220,12 +220,12 @@ def test_nonfinite_ot_value_from_finite_points_is_counted_and_dropped(steppers, 
   cfg.loss.ot_weight = 1.0
   model, _ = nnx.merge(graphdef, state0)
   term = lambda m: objective_ot.ot_loss(m, batch, objective.embed_batch(m, batch), cfg)
-  _, metrics = term(model)
+  _, metrics = nnx.jit(term)(model)
   assert int(metrics["ot/nonfinite_value"]) == 0 and float(metrics["ot/weight"]) == 1.0
   real = ot_lib.ot_regularizer_and_coupling
   monkeypatch.setattr(objective_ot.ot_lib, "ot_regularizer_and_coupling",
                       lambda xs, solver: (lambda v, aux, p: (v + jnp.nan, aux, p))(*real(xs, solver)))
-  (value, metrics), grads = nnx.value_and_grad(term, has_aux=True)(model)
+  (value, metrics), grads = nnx.jit(nnx.value_and_grad(term, has_aux=True))(model)
   assert int(metrics["ot/nonfinite_value"]) == 1 and int(metrics["ot/nonfinite_points"]) == 0
   assert float(metrics["ot/weight"]) == 0.0 and float(value) == 0.0
   leaves = jax.tree.leaves(grads)
