@@ -271,17 +271,27 @@ def test_sharded_loss_holds_no_global_bxb_buffer():
   assert np.prod(ring["sharded"]["align_largest_array"]) <= local * local * 4  # [b, b] blocks only
 
 
+# The 8-device step check in three processes, so that test workers can share them out.
+STEP_CHECK_PARTS = (("softmax", "sigmoid_gather", "sigmoid_ring"), ("ito",), ("ot_partial",))
+
+
+def test_the_step_check_parts_cover_every_objective():
+  """An objective added to sharded_step_check.py must be checked by some part."""
+  import sharded_step_check
+
+  parts = [o for part in STEP_CHECK_PARTS for o in part]
+  assert sorted(parts) == sorted(sharded_step_check.OBJECTIVES)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("objectives", [("softmax", "sigmoid_gather", "sigmoid_ring"), ("ito",),
-                                        ("ot_partial",)], ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("objectives", STEP_CHECK_PARTS, ids=lambda o: "+".join(o))
 def test_sharded_step_equals_single_device_step(objectives):
   """(8,1,1), (2,4,1), (2,2,2) x softmax, sigmoid gather, sigmoid ring, ITO
   (fusion, ITM and anchor, M = N = 2, patch dropout 0.5): two steps from the
   same parameters;
   and (2,2,2) with optim.accumulation_steps = 2 (gradient caching over two
   strided microbatches, each split over the 4 batch shards), also in partial
-  mode with R_ot, whose unaligned batches are microbatched the same way.
-  Three processes, so that test workers can share them out."""
+  mode with R_ot, whose unaligned batches are microbatched the same way."""
   # About 100 s of CPU in all; the timeout leaves room for cores shared with other jobs.
   results = finish(start([os.path.join(HERE, "sharded_step_check.py"), "step", *objectives], 8, True),
                    900)
