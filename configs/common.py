@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.fusion.depth = 1  # cross-attention blocks (1-2 is "lightweight").
   m.fusion.num_heads = 4
   m.fusion.mlp_ratio = 2.0
+  # The head runs over the batch's pairs in this many rematerialised chunks
+  # (objective.fuse): the backward pass keeps one chunk's activations and runs
+  # the head's forward twice. 0: optim.accumulation_steps chunks, so the head's
+  # activations shrink with A like the towers'.
+  m.fusion.remat_chunks = 0
 
   # ---- objective ------------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()
@@ -379,6 +384,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
            f"{steps} microbatches of batch_size {c.batch_size} must each divide evenly over the "
            f"{batch_shards} batch shards (mesh.data x mesh.fsdp): batch_size must be a multiple "
            f"of {steps} x {batch_shards} = {steps * batch_shards}")
+  chunks = m.fusion.remat_chunks
+  _require(isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 0,
+           "model.fusion.remat_chunks",
+           f"must be an integer >= 0 (0: optim.accumulation_steps), got {chunks!r}")
+  _require(not m.fusion.enabled or c.batch_size % ((chunks or steps) * batch_shards) == 0,
+           "model.fusion.remat_chunks",
+           f"{chunks or steps} chunks of batch_size {c.batch_size} must each divide evenly over "
+           f"the {batch_shards} batch shards (mesh.data x mesh.fsdp): batch_size must be a "
+           f"multiple of {chunks or steps} x {batch_shards} = {(chunks or steps) * batch_shards}")
 
   d = c.data
   _require(d.dataset == "ito_shapes", "data.dataset", f"unknown data set {d.dataset!r}")

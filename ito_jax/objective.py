@@ -103,8 +103,7 @@ def fuse(head, text_tokens, text_mask, image_tokens, chunks: int = 1, mesh=None)
   strided as sharding.split_microbatches lays them out): the backward pass
   keeps one chunk's activations at a time and recomputes them, the head's
   forward run twice. The same values as one call; chunks = 1 is one call.
-  Under optim.accumulation_steps = A the head runs in A chunks, so its
-  activations shrink with A like the towers'."""
+  The trainer passes fusion_chunks(config)."""
   if chunks == 1:
     return head(text_tokens, text_mask, image_tokens)
   graphdef, state = nnx.split(head)
@@ -115,6 +114,13 @@ def fuse(head, text_tokens, text_mask, image_tokens, chunks: int = 1, mesh=None)
 
   xs = tuple(sharding.split_microbatches(x, chunks, mesh) for x in (text_tokens, text_mask, image_tokens))
   return sharding.merge_microbatches(jax.lax.map(one, xs), mesh)
+
+
+def fusion_chunks(config: ml_collections.ConfigDict) -> int:
+  """model.fusion.remat_chunks, or optim.accumulation_steps where it is 0:
+  under accumulation the head's activations then shrink with A like the
+  towers'."""
+  return config.model.fusion.remat_chunks or config.optim.accumulation_steps
 
 
 def itm_through_head(head, out: dict, negatives, chunks: int = 1, mesh=None):
@@ -188,7 +194,7 @@ def loss_from_outputs(model: ItoModel, batch: dict, out: dict, config: ml_collec
   head = model.fusion_head
   if head is not None and (l.itm_weight or l.anchor_weight):
     fused = None
-    chunks = config.optim.accumulation_steps
+    chunks = fusion_chunks(config)
     if l.itm_weight:
       negatives = on_shards(
           functools.partial(sharded.itm_negatives, pool=l.itm_negative_pool),

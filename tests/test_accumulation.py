@@ -63,10 +63,16 @@ def model_state(config):
     return nnx.split(ItoModel(config.model, rngs=nnx.Rngs(0)))
 
 
-def loss_and_grads(config, batch):
+def jitted_value_and_grad(config):
+  """(accumulation.value_and_grad at step 0, jitted over (state, batch); the model's state)."""
   graphdef, state = model_state(config)
   fn = jax.jit(lambda s, b: accumulation.value_and_grad(nnx.merge(graphdef, s), b, config,
                                                         step=jnp.int32(0)))
+  return fn, state
+
+
+def loss_and_grads(config, batch):
+  fn, state = jitted_value_and_grad(config)
   return fn(state, batch)
 
 
@@ -185,3 +191,44 @@ def test_microbatches_lower_the_compiled_step_memory(kind):
             for k, v in random_batch(config).items()}
     temp[steps] = step.lower(state, spec).compile().memory_analysis().temp_size_in_bytes
   assert temp[4] < 0.5 * temp[1], temp
+
+
+@pytest.mark.parametrize("accumulation, chunks", [(1, 4), (4, 1)])
+def test_fusion_remat_chunks_set_the_heads_chunks_apart_from_accumulation(accumulation, chunks):
+  """model.fusion.remat_chunks = C runs the head in C chunks whatever
+  optim.accumulation_steps is: the same loss and gradient as the default (the
+  head in A chunks), and C decides the head's share of the compiled step's
+  temporary memory, on a shape where the head's activations dominate."""
+  def config_for(remat_chunks):
+    config = tiny_config("ito", accumulation)
+    config.model.image.update(image_size=32, patch_size=4)  # 64 image tokens per pair
+    config.model.fusion.update(width=64, depth=2, mlp_ratio=4.0, remat_chunks=remat_chunks)
+    common.validate(config)
+    return config
+
+  assert objective.fusion_chunks(config_for(0)) == accumulation
+  assert objective.fusion_chunks(config_for(chunks)) == chunks
+  batch = jax.tree.map(jnp.asarray, random_batch(config_for(0)))
+  (loss, metrics), grads = loss_and_grads(config_for(0), batch)
+  (loss_c, metrics_c), grads_c = loss_and_grads(config_for(chunks), batch)
+  assert largest_diff(grads, grads_c) <= 1e-5 * largest(grads)
+  assert abs(float(loss_c) - float(loss)) <= 1e-5 * abs(float(loss))
+  assert abs(float(metrics_c["loss/itm"]) - float(metrics["loss/itm"])) <= 1e-5
+
+  temp = {}
+  for remat_chunks in (1, 4):
+    fn, state = jitted_value_and_grad(config_for(remat_chunks))
+    temp[remat_chunks] = fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  assert temp[4] < 0.75 * temp[1], temp
+
+
+@pytest.mark.parametrize("value, match", [
+    (-1, "integer >= 0 .*got -1"),
+    (True, "integer >= 0 .*got True"),
+    (3, "multiple of 3 x 1 = 3"),  # 16 samples do not split into 3 chunks
+])
+def test_invalid_fusion_remat_chunks_name_the_field(value, match):
+  config = tiny_config("ito")
+  config.model.fusion.remat_chunks = value
+  with pytest.raises(common.ConfigError, match=r"config\.model\.fusion\.remat_chunks: .*" + match):
+    common.validate(config)
