@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 0.179 -> 0.107 at 600, and did not raise R@1 (docs/ot_experiments.md).
   l.ot_plan_contrast_weight = 0.0
 
-  # ---- OT regularizer R_ot (DESIGN.md "R_ot"; ito_jax/losses/ot.py) ----------
+  # ---- OT regularizer R_ot (README "Objective"; ito_jax/losses/ot.py) ----------
   # Measures: with partial.enabled, the image and the text embeddings of the
   # unaligned batches (K = 2); otherwise each image and text view of the batch
   # (K = M + N). The solver fields come from ot.default_config():
@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   # at 300 steps but not held-out R@1, and lowered i2t R@1 at 900 steps.
   c.ot.stop_gradient = ""
 
-  # ---- partially aligned data (DESIGN.md "R_ot"; ito_jax/data/partial.py) ----
+  # ---- partially aligned data (README "Objective"; ito_jax/data/partial.py) ----
   # A fraction of the training samples stays as aligned pairs; the rest is split
   # into disjoint halves, an image pool (images only) and a text pool (captions
   # only), so no true pair exists between the pools. The split is a function of

@@ -1,4 +1,4 @@
-"""The λ_ot · R_ot term of the objective (DESIGN.md, "R_ot"; config `ot`, `partial`).
+"""The λ_ot · R_ot term of the objective (README, "Objective"; config `ot`, `partial`).
 
 Measures, by mode:
 * partial.enabled: the embeddings of each view of the unaligned image batch

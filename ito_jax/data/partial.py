@@ -1,4 +1,4 @@
-"""Partially aligned training data (DESIGN.md, "R_ot"; config section `partial`).
+"""Partially aligned training data (README, "Objective"; config section `partial`).
 
 The training split is divided once, as a function of `config.data.seed`:
 

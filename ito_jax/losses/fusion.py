@@ -1,4 +1,4 @@
-"""The two L_fuse losses of ITO (DESIGN.md, "Objective"): ITM and fused anchor.
+"""The two L_fuse losses of ITO (README, "Objective"): ITM and fused anchor.
 
 Convention for every [B, B] matrix here: row i is image i, column j is text j,
 and the true pairs are on the diagonal.

@@ -1,5 +1,5 @@
 """R_ot: the optimal-transport regularizer that aligns the latent distributions
-of modalities/views (DESIGN.md, "Objective"), built on ott-jax.
+of modalities/views (README, "Objective"), built on ott-jax.
 
 A measure is the set of embeddings of one modality or view in a batch,
 `[n_k, dim]`, uniform weights 1/n_k. Two variants, chosen by `cfg.variant`:
@@ -17,7 +17,7 @@ W_eps is ott's `reg_ot_cost`: for the optimal entropic plan P between a and b,
 the points is Danskin's: <P, dC/dx> with P held fixed (ott's default), cheap and
 stable. The cycle term differentiates *through* plans, by unrolling a fixed
 number of Sinkhorn iterations (`implicit_diff=None`): implicit differentiation
-through the plan failed at small eps on this stack (DESIGN.md, pinned stack).
+through the plan failed at small eps with the pinned ott-jax 0.6.0.
 Every solve runs exactly `num_iterations` iterations, so cost and compiled
 code are the same every step (see `_sinkhorn` for an ott 0.6.0 bug in unrolled
 gradients at min_iterations == max_iterations, and how it is avoided).

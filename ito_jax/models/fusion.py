@@ -1,7 +1,7 @@
 """ITO training-time fusion head: text tokens cross-attend to image patches.
 
-The head exists only to shape the two towers during training (DESIGN.md,
-"L_fuse"): its losses live in `ito_jax/losses/fusion.py`, and it is dropped
+The head exists only to shape the two towers during training (README,
+"Objective", L_fuse): its losses live in `ito_jax/losses/fusion.py`, and it is dropped
 from the exported model, so nothing here is on the inference path.
 
 Shape of the computation (B batch, T text tokens, P image patches, W width):
@@ -128,7 +128,7 @@ class FusionHead(nnx.Module):
     if not 1 <= depth <= 2:
       raise ValueError(
           f'FusionHead depth={depth}: the fusion stack is meant to be light '
-          '(DESIGN.md, L_fuse), use 1 or 2.')
+          '(L_fuse in the README), use 1 or 2.')
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # The head's width is its 'embed' axis. The tower width coming in is
     # 'embed' in the towers too, but a kernel cannot name one mesh axis twice,
