@@ -5,6 +5,7 @@ Reads top to bottom: optimizer, state, step, inputs, loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -260,94 +261,103 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  latest = ckpt.latest_step()
-  if latest is not None and latest > config.total_steps:  # would export it labelled total_steps
-    ckpt.close()
-    raise common.ConfigError(
-        f"config.total_steps: {config.total_steps} is below step {latest} of the latest "
-        f"checkpoint in {ckpt.directory}; raise total_steps to at least {latest}, or use a new "
-        f"--workdir (`python -m ito_jax.main export` exports that checkpoint as it is)")
-  try:
+  # An error from here on first lets a save already under way finish (it holds
+  # an earlier, consistent step; left unfinished, the next start would delete
+  # it and train those steps again), then releases what the run holds.
+  with contextlib.ExitStack() as on_error:
+    on_error.callback(_release, ckpt.close)
+    latest = ckpt.latest_step()
+    if latest is not None and latest > config.total_steps:  # would export it labelled total_steps
+      raise common.ConfigError(
+          f"config.total_steps: {config.total_steps} is below step {latest} of the latest "
+          f"checkpoint in {ckpt.directory}; raise total_steps to at least {latest}, or use a new "
+          f"--workdir (`python -m ito_jax.main export` exports that checkpoint as it is)")
     data_dir, tokenizer = prepare_inputs(config, workdir)  # refuses a tokenizer that does not fit
-  except Exception:
-    ckpt.close()  # its manager's threads, before the error goes up
-    raise
-  if jax.process_index() == 0:  # after both refusals, so a refused run leaves the workdir's config
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-  train_iter = iter(pipeline.train_dataset(
-      config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
-      data_dir=data_dir))
-  evaluator = Evaluator(
-      config, pipeline.eval_arrays(config, tokenizer, config.eval.split, data_dir=data_dir),
-      pipeline.class_names(config, data_dir), tokenizer)
+    if jax.process_index() == 0:  # after both refusals, so a refused run leaves the workdir's config
+      (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+    train_iter = iter(pipeline.train_dataset(
+        config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+        data_dir=data_dir))
+    if hasattr(train_iter, "close"):
+      on_error.callback(_release, train_iter.close)
+    evaluator = Evaluator(
+        config, pipeline.eval_arrays(config, tokenizer, config.eval.split, data_dir=data_dir),
+        pipeline.class_names(config, data_dir), tokenizer)
 
-  if latest is None:
-    model, optimizer = create_model_and_optimizer(config, mesh)
-    graphdef, state = nnx.split((model, optimizer))
-    start_step = 0
-  else:  # resume: state and data position exactly as saved, on this run's mesh
-    graphdef, state = abstract_model_and_optimizer(config, mesh)
-    state, start_step = ckpt.restore(state, train_iter)
-    model, optimizer = nnx.merge(graphdef, state)
-  state_shardings = sharding.state_shardings(state)
-  masked_step = make_train_step(graphdef, state_shardings, mesh, config)
-  # FLIP's unmasked tuning: from this step on, every patch (compiled when reached).
-  unmasked_from = config.total_steps - config.model.image.unmasked_final_steps + 1
-  unmasked_step = None
-  writer = MetricsWriter(workdir)
-  writer.truncate_after(start_step)  # a rerun rewrites the steps it trains again
-  if start_step:
-    logging.warning("resuming from checkpoint step %d in %s", start_step, ckpt.directory)
+    if latest is None:
+      model, optimizer = create_model_and_optimizer(config, mesh)
+      graphdef, state = nnx.split((model, optimizer))
+      start_step = 0
+    else:  # resume: state and data position exactly as saved, on this run's mesh
+      graphdef, state = abstract_model_and_optimizer(config, mesh)
+      state, start_step = ckpt.restore(state, train_iter)
+      model, optimizer = nnx.merge(graphdef, state)
+    state_shardings = sharding.state_shardings(state)
+    masked_step = make_train_step(graphdef, state_shardings, mesh, config)
+    # FLIP's unmasked tuning: from this step on, every patch (compiled when reached).
+    unmasked_from = config.total_steps - config.model.image.unmasked_final_steps + 1
+    unmasked_step = None
+    writer = MetricsWriter(workdir)
+    on_error.callback(_release, writer.close)
+    writer.truncate_after(start_step)  # a rerun rewrites the steps it trains again
+    if start_step:
+      logging.warning("resuming from checkpoint step %d in %s", start_step, ckpt.directory)
 
-  eval_metrics: dict = {}
-  speed = Throughput()
-  bar = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
-             dynamic_ncols=True, disable=jax.process_index() != 0)
-  tally = None  # the counted metrics since the last log line, on device
-  for step in range(start_step + 1, config.total_steps + 1):
-    batch = sharding.put_batch(next(train_iter), mesh)
-    train_step = masked_step
-    if step >= unmasked_from:
-      if unmasked_step is None:
-        logging.info("steps %d-%d encode every patch (model.image.unmasked_final_steps)",
-                     step, config.total_steps)
-        unmasked_step = make_train_step(graphdef, state_shardings, mesh,
-                                        objective.without_patch_dropout(config))
-      train_step = unmasked_step
-    state, metrics = train_step(state, batch)
-    tally = tally_counts(tally, metrics)
-    speed.step()
-    bar.update(1)
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      metrics = jax.device_get({**metrics, **tally})  # the loop's only host sync between evals
-      tally = None
-      check_progress(metrics, step, speed.steps)
-      metrics.update(speed.rates(config.batch_size))
-      metrics.update(pipeline.data_metrics(train_iter))  # bad records skipped, by kind
-      writer.write(step, metrics)
-      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-      speed.restart()
-    if step % config.eval_every_steps == 0 or step == config.total_steps:
-      t_eval = time.perf_counter()
-      nnx.update((model, optimizer), state)
-      eval_metrics = evaluator.run(model)
-      writer.write(step, eval_metrics)
-      speed.exclude(time.perf_counter() - t_eval)  # evaluation time is not training throughput
-    ckpt.maybe_save(step, state, train_iter, mesh)
-    if preemption.reached(step, ckpt):
-      ckpt.save(step, state, train_iter, mesh)  # no-op when this step was just saved
-      ckpt.close()
-      bar.close()
-      writer.close()
-      if hasattr(train_iter, "close"):
-        train_iter.close()
-      logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume", step)
-      return {"step": step, "preempted": True}
-  bar.close()
-  writer.close()
-  if config.total_steps > start_step:
-    ckpt.save(config.total_steps, state, train_iter, mesh)
-  ckpt.close()
+    eval_metrics: dict = {}
+    speed = Throughput()
+    bar = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
+               dynamic_ncols=True, disable=jax.process_index() != 0)
+    on_error.callback(_release, bar.close)
+    tally = None  # the counted metrics since the last log line, on device
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = sharding.put_batch(next(train_iter), mesh)
+      train_step = masked_step
+      if step >= unmasked_from:
+        if unmasked_step is None:
+          logging.info("steps %d-%d encode every patch (model.image.unmasked_final_steps)",
+                       step, config.total_steps)
+          unmasked_step = make_train_step(graphdef, state_shardings, mesh,
+                                          objective.without_patch_dropout(config))
+        train_step = unmasked_step
+      state, metrics = train_step(state, batch)
+      tally = tally_counts(tally, metrics)
+      speed.step()
+      bar.update(1)
+      preempted = preemption.reached(step, ckpt)
+      # A preempted run logs its step too: the counts since the last line are
+      # not in the checkpoint, and the resumed run's lines start after it.
+      if step % config.log_every_steps == 0 or step == config.total_steps or preempted:
+        metrics = jax.device_get({**metrics, **tally})  # the loop's only host sync between evals
+        tally = None
+        check_progress(metrics, step, speed.steps)
+        metrics.update(speed.rates(config.batch_size))
+        metrics.update(pipeline.data_metrics(train_iter))  # bad records skipped, by kind
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+        speed.restart()
+      if step % config.eval_every_steps == 0 or step == config.total_steps:
+        t_eval = time.perf_counter()
+        nnx.update((model, optimizer), state)
+        eval_metrics = evaluator.run(model)
+        writer.write(step, eval_metrics)
+        speed.exclude(time.perf_counter() - t_eval)  # evaluation time is not training throughput
+      ckpt.maybe_save(step, state, train_iter, mesh)
+      if preempted:
+        ckpt.save(step, state, train_iter, mesh)  # no-op when this step was just saved
+        ckpt.close()
+        bar.close()
+        writer.close()
+        if hasattr(train_iter, "close"):
+          train_iter.close()
+        on_error.pop_all()
+        logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume", step)
+        return {"step": step, "preempted": True}
+    bar.close()
+    writer.close()
+    if config.total_steps > start_step:
+      ckpt.save(config.total_steps, state, train_iter, mesh)
+    ckpt.close()
+    on_error.pop_all()
 
   nnx.update((model, optimizer), state)
   if not eval_metrics:  # no evaluation ran in this process (0 steps, or resumed at the end)
@@ -365,3 +375,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if hasattr(train_iter, "close"):
     train_iter.close()
   return eval_metrics
+
+
+def _release(close) -> None:
+  """Runs one of a failing run's closers; an error there is logged, so that
+  the error that stopped the run is the one that goes up."""
+  try:
+    close()
+  except Exception:  # pylint: disable=broad-except
+    logging.exception("while stopping after an error, %s failed", getattr(close, "__qualname__", close))

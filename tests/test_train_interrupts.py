@@ -1,0 +1,84 @@
+"""What the training loop keeps when a run stops early, in process on the
+tiny ITO config of tests/tiny_run.py: an error after a checkpoint has started
+saving leaves that checkpoint complete (the rerun resumes from it), and a
+preempted run writes the counts since its last log line at the step it stops.
+The kill/resume scenarios as subprocesses are in tests/test_checkpoint.py."""
+
+import jax.numpy as jnp
+import pytest
+
+import tiny_run
+from ito_jax import checkpoint, metrics, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("interrupts_data"))
+
+
+def config(data_dir, **overrides):
+  c = tiny_run.config(data_dir)
+  c.update(overrides)
+  return c
+
+
+def loss_lines(workdir):
+  return [r for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl") if "loss" in r]
+
+
+def test_an_error_after_a_save_began_leaves_that_checkpoint_complete(data_dir, tmp_path, monkeypatch):
+  """The save of step 4 runs in the background when step 5 fails: the loop
+  waits for it (and closes the checkpoint manager, the metrics writer and the
+  data iterator) before the error goes up, so the rerun resumes at step 4
+  instead of deleting a half-written step and starting again."""
+  real_check, closed = train.check_progress, []
+
+  def failing(metrics_, step, steps_since_log):
+    real_check(metrics_, step, steps_since_log)
+    if step == 5:
+      raise FloatingPointError("injected at step 5")
+
+  real_close = checkpoint.Checkpointer.close
+
+  def recorded_close(self):
+    real_close(self)
+    closed.append(self.all_steps())
+
+  monkeypatch.setattr(train, "check_progress", failing)
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", recorded_close)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError, match="injected at step 5"):
+    train.train_and_evaluate(config(data_dir, total_steps=6), workdir)
+  assert closed == [[4]]  # closed once, with step 4 written in full
+  assert tiny_run.checkpoints(workdir) == ["4"]  # no orbax-checkpoint-tmp left behind
+
+  monkeypatch.setattr(train, "check_progress", real_check)
+  result = train.train_and_evaluate(config(data_dir, total_steps=6), workdir)
+  assert result["step"] == 6
+  assert [r["step"] for r in loss_lines(workdir)] == list(range(1, 7))
+  assert checkpoint.Checkpointer(workdir).all_steps() == [4, 6]
+
+
+def test_a_preempted_run_logs_the_counts_since_its_last_log_line(data_dir, tmp_path, monkeypatch):
+  """Logged every second step, preempted at step 3 and resumed to step 4, with
+  one counted event per step (ot/unconverged, summed between log lines): the
+  lines of steps 2, 3 and 4 carry 2, 1 and 1, so no step's count is lost."""
+  real_step = train.make_train_step
+
+  def counting(*args, **kwargs):
+    step = real_step(*args, **kwargs)
+
+    def counted(state, batch):
+      state, out = step(state, batch)
+      return state, {**out, "ot/unconverged": jnp.float32(1.0)}
+    return counted
+
+  monkeypatch.setattr(train, "make_train_step", counting)
+  monkeypatch.setattr(checkpoint.PreemptionWatch, "reached", lambda self, step, ckpt: step == 3)
+  workdir = str(tmp_path / "run")
+  c = config(data_dir, total_steps=4, log_every_steps=2, checkpoint_every_steps=1000)
+  assert train.train_and_evaluate(c, workdir) == {"step": 3, "preempted": True}
+  monkeypatch.setattr(checkpoint.PreemptionWatch, "reached", lambda self, step, ckpt: False)
+  train.train_and_evaluate(c, workdir)
+  assert [(r["step"], r["ot/unconverged"]) for r in loss_lines(workdir)] == [(2, 2.0), (3, 1.0),
+                                                                              (4, 1.0)]
