@@ -30,6 +30,21 @@ def test_generalised_zero_shot_accuracy_by_hand():
   assert out["zeroshot/harmonic_mean"] == pytest.approx(2 * 0.6 / 1.6)
 
 
+
+def test_a_zero_shot_tie_counts_against_the_image():
+  """As retrieval's ranks do: a collapsed model, every image equally close to
+  every class, classifies nothing right (argmax would credit class 0's
+  images), and a tie between the own class and another is a miss."""
+  class_emb = np.eye(3, dtype=np.float32)
+  labels = np.array([0, 0, 1, 2])
+  collapsed = np.full((4, 3), 1 / np.sqrt(3), np.float32)
+  assert zeroshot.accuracy(collapsed, class_emb, labels)["zeroshot/accuracy"] == 0.0
+  out = zeroshot.accuracy_by_group(collapsed, class_emb, labels, (0,))
+  assert (out["zeroshot/seen_accuracy"], out["zeroshot/unseen_accuracy"]) == (0.0, 0.0)
+  between = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 0, 1]], np.float32)  # images 0, 2 tie
+  assert zeroshot.accuracy(between, class_emb, labels)["zeroshot/accuracy"] == 0.5  # 1 and 3
+
+
 def test_retrieval_by_group_by_hand():
   # 3 images, 1 caption each; class 7 (images/captions 1 and 2) is unseen.
   image_emb = np.eye(3, dtype=np.float32)
