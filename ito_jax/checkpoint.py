@@ -259,7 +259,10 @@ class Checkpointer:
 class PreemptionWatch:
   """`with PreemptionWatch() as watch: ... if watch.reached(step, ckpt): ...`
 
-  One process: a SIGTERM handler sets a flag the loop reads after each step.
+  One process: a SIGTERM handler sets a flag the loop reads after each step;
+  a second SIGTERM before the step ends stops the process at once (exit
+  status 143) without SIGKILL: a run stuck inside a step still closes its
+  checkpoint manager, so a save already under way finishes.
   Several processes: JAX's preemption sync point (orbax `reached_preemption`),
   which makes every host stop at the same step; a per-host flag could not.
   """
@@ -270,7 +273,12 @@ class PreemptionWatch:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
+    if self.requested.is_set():  # the run never reached a step boundary (stuck reading data?)
+      logging.warning("received signal %d again: stopping now, without a checkpoint of this step",
+                      signum)
+      raise SystemExit(128 + signum)
+    logging.warning("received signal %d: saving a checkpoint at the next step boundary (a second "
+                    "one stops at once)", signum)
     self.requested.set()
 
   def __enter__(self):

@@ -1,8 +1,12 @@
 """What the training loop keeps when a run stops early, in process on the
 tiny ITO config of tests/tiny_run.py: an error after a checkpoint has started
 saving leaves that checkpoint complete (the rerun resumes from it), and a
-preempted run writes the counts since its last log line at the step it stops.
+preempted run writes the counts since its last log line at the step it stops,
+and a second SIGTERM stops a run that never reaches a step boundary.
 The kill/resume scenarios as subprocesses are in tests/test_checkpoint.py."""
+
+import signal
+import threading
 
 import jax.numpy as jnp
 import pytest
@@ -82,3 +86,18 @@ def test_a_preempted_run_logs_the_counts_since_its_last_log_line(data_dir, tmp_p
   train.train_and_evaluate(c, workdir)
   assert [(r["step"], r["ot/unconverged"]) for r in loss_lines(workdir)] == [(2, 2.0), (3, 1.0),
                                                                               (4, 1.0)]
+
+
+def test_a_second_sigterm_before_the_step_ends_stops_at_once():
+  """The first SIGTERM asks for a checkpoint at the next step boundary; a run
+  that never reaches one (stuck reading data) stops at the second, exit
+  status 143, and the previous handler is back afterwards."""
+  assert threading.current_thread() is threading.main_thread()  # signal handlers need it
+  previous = signal.getsignal(signal.SIGTERM)
+  with checkpoint.PreemptionWatch() as watch:
+    signal.raise_signal(signal.SIGTERM)
+    assert watch.requested.is_set()
+    with pytest.raises(SystemExit) as stopped:
+      signal.raise_signal(signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) == previous
