@@ -357,6 +357,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.total_steps > start_step:
       ckpt.save(config.total_steps, state, train_iter, mesh)
     ckpt.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
     on_error.pop_all()
 
   nnx.update((model, optimizer), state)
@@ -372,8 +374,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       embeddings.save(epath.Path(workdir) / "embeddings.npz", held_out)
   export.export_model(model, config, os.path.join(workdir, "tokenizer.model"),
                       os.path.join(workdir, "export"), step=config.total_steps)
-  if hasattr(train_iter, "close"):
-    train_iter.close()
   return eval_metrics
 
 
