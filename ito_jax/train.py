@@ -261,11 +261,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  # An error from here on first lets a save already under way finish (it holds
-  # an earlier, consistent step; left unfinished, the next start would delete
-  # it and train those steps again), then releases what the run holds.
-  with contextlib.ExitStack() as on_error:
-    on_error.callback(_release, ckpt.close)
+  # Whichever way the loop ends, leaving this block closes what the run holds,
+  # the checkpoint manager last: it waits for a save under way, so after an
+  # error too that step is complete (left half-written, the next start would
+  # delete it and train those steps again).
+  preempted_at = None
+  with contextlib.ExitStack() as closing:
+    closing.push(_closer(ckpt.close))
     latest = ckpt.latest_step()
     if latest is not None and latest > config.total_steps:  # would export it labelled total_steps
       raise common.ConfigError(
@@ -279,7 +281,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
         data_dir=data_dir))
     if hasattr(train_iter, "close"):
-      on_error.callback(_release, train_iter.close)
+      closing.push(_closer(train_iter.close))
     evaluator = Evaluator(
         config, pipeline.eval_arrays(config, tokenizer, config.eval.split, data_dir=data_dir),
         pipeline.class_names(config, data_dir), tokenizer)
@@ -298,7 +300,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     unmasked_from = config.total_steps - config.model.image.unmasked_final_steps + 1
     unmasked_step = None
     writer = MetricsWriter(workdir)
-    on_error.callback(_release, writer.close)
+    closing.push(_closer(writer.close))
     writer.truncate_after(start_step)  # a rerun rewrites the steps it trains again
     if start_step:
       logging.warning("resuming from checkpoint step %d in %s", start_step, ckpt.directory)
@@ -307,7 +309,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     speed = Throughput()
     bar = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
                dynamic_ncols=True, disable=jax.process_index() != 0)
-    on_error.callback(_release, bar.close)
+    closing.push(_closer(bar.close))
     tally = None  # the counted metrics since the last log line, on device
     for step in range(start_step + 1, config.total_steps + 1):
       batch = sharding.put_batch(next(train_iter), mesh)
@@ -344,23 +346,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ckpt.maybe_save(step, state, train_iter, mesh)
       if preempted:
         ckpt.save(step, state, train_iter, mesh)  # no-op when this step was just saved
-        ckpt.close()
-        bar.close()
-        writer.close()
-        if hasattr(train_iter, "close"):
-          train_iter.close()
-        on_error.pop_all()
-        logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume", step)
-        return {"step": step, "preempted": True}
-    bar.close()
-    writer.close()
-    if config.total_steps > start_step:
-      ckpt.save(config.total_steps, state, train_iter, mesh)
-    ckpt.close()
-    if hasattr(train_iter, "close"):
-      train_iter.close()
-    on_error.pop_all()
+        preempted_at = step
+        break
+    else:
+      if config.total_steps > start_step:
+        ckpt.save(config.total_steps, state, train_iter, mesh)
 
+  if preempted_at is not None:
+    logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume",
+                    preempted_at)
+    return {"step": preempted_at, "preempted": True}
   nnx.update((model, optimizer), state)
   if not eval_metrics:  # no evaluation ran in this process (0 steps, or resumed at the end)
     eval_metrics = evaluator.run(model)
@@ -377,10 +372,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return eval_metrics
 
 
-def _release(close) -> None:
-  """Runs one of a failing run's closers; an error there is logged, so that
-  the error that stopped the run is the one that goes up."""
-  try:
-    close()
-  except Exception:  # pylint: disable=broad-except
-    logging.exception("while stopping after an error, %s failed", getattr(close, "__qualname__", close))
+def _closer(close):
+  """An ExitStack exit callback that runs `close`. When the block is left by
+  an error, an error from `close` is logged instead, so the error that stopped
+  the run is the one that goes up."""
+  def exit_(exc_type, exc, tb):
+    del exc, tb
+    if exc_type is None:
+      close()
+      return False
+    try:
+      close()
+    except Exception:  # pylint: disable=broad-except
+      logging.exception("while stopping after an error, %s failed",
+                        getattr(close, "__qualname__", close))
+    return False
+  return exit_
