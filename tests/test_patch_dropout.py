@@ -227,3 +227,12 @@ def test_the_last_steps_train_on_every_patch(tmp_path, monkeypatch):
   calls.clear()
   train.train_and_evaluate(c, workdir)
   assert calls == [(0.0, 0)]
+
+
+@pytest.mark.parametrize("image_size,patch_size,rate,kept", [
+    (40, 4, 0.9, 10), (40, 4, 0.8, 20), (32, 4, 0.5, 32), (32, 4, 0.0, 64), (224, 16, 0.75, 49)])
+def test_kept_patches_is_the_floor_of_the_kept_share(image_size, patch_size, rate, kept):
+  """floor((1 - rate) x patches) exactly: (1 - 0.9) x 100 is 9.999... in floats."""
+  image = common.base_config().model.image
+  image.image_size, image.patch_size, image.patch_dropout = image_size, patch_size, rate
+  assert vit.kept_patches(image) == kept

@@ -72,6 +72,15 @@ def test_mining_in_pools_is_mining_on_each_diagonal_block():
     np.testing.assert_array_equal(neg_image[start:start + 3], np.asarray(image) + start)
 
 
+@pytest.mark.parametrize("pool", [1, 3])
+def test_mining_in_pools_refuses_a_pool_that_leaves_a_sample_only_itself(pool):
+  """A pool of 1, or one that does not divide the shard (the last pool of 4
+  samples in 3s holds one), would make a sample its own hard negative."""
+  sim = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
+  with pytest.raises(ValueError, match=f"pool of {pool} samples must be >= 2 and divide"):
+    sharded.mine_in_pools(sim, pool)
+
+
 def test_objective_without_mesh_equals_the_unsharded_formulation():
   """compute_loss (per-shard terms on one shard, ITM pairs stacked per sample)
   equals the objective assembled from the plain [B, B] losses, and its batch

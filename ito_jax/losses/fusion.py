@@ -41,8 +41,10 @@ def mine_hard_negatives(similarity):
         f'mine_hard_negatives needs a batch of at least 2 to find a negative, '
         f'got B={batch} (per fusion-loss call).')
   sim = jax.lax.stop_gradient(similarity).astype(jnp.float32)
-  # The lowest finite value rather than -inf keeps argmax well defined even if
-  # a whole row were -inf; the diagonal can then still never win.
+  # The lowest finite value rather than -inf keeps argmax well defined. A row
+  # with no finite off-diagonal entry would pick the diagonal, the positive
+  # itself: callers that mask entries with -inf (sharded.mine_in_pools) must
+  # leave every sample another candidate.
   off_diagonal = jnp.where(
       jnp.eye(batch, dtype=bool), jnp.finfo(jnp.float32).min, sim)
   neg_text_for_image = jnp.argmax(off_diagonal, axis=1).astype(jnp.int32)

@@ -13,7 +13,11 @@ gradient back to the device that owns the row.
 
 The same functions run unsharded with `axis=None` (one shard holding the whole
 batch): that is the single-device objective, and the sharded one is equal to
-it up to float summation order (tests/test_sharding.py).
+it up to float summation order (tests/test_sharding.py). One exception: ITM
+hard negatives never cross a shard, so with `loss.itm_negative_pool = 0` (the
+whole shard) they are mined among B / shards samples, and the ITM term changes
+with the mesh. A fixed pool that divides every shard makes it
+mesh-independent.
 
 Within a shard, sample i of the shard has global sample id
 `shard_index * b + i`, matching the layout of a batch split over
@@ -188,8 +192,15 @@ def mine_in_pools(similarity, pool: int):
 
   similarity [b, b] (image rows, text columns), pool divides b. Pairs across
   pools are masked out, so this is `fusion.mine_hard_negatives` on each
-  diagonal [pool, pool] block (indices into the b samples)."""
-  group = jnp.arange(similarity.shape[0]) // pool
+  diagonal [pool, pool] block (indices into the b samples). A pool of fewer
+  than 2, or one that does not divide b, would leave a sample with no
+  candidate but itself; it is refused here (configs/common.py refuses it
+  by name first)."""
+  b = similarity.shape[0]
+  if pool < 2 or b % pool:
+    raise ValueError(f"ITM negatives: a pool of {pool} samples must be >= 2 and divide the "
+                     f"shard's {b} samples, or some sample's only candidate is itself")
+  group = jnp.arange(b) // pool
   same_pool = group[:, None] == group[None, :]
   return fusion_losses.mine_hard_negatives(jnp.where(same_pool, similarity, -jnp.inf))
 

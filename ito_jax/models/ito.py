@@ -86,8 +86,11 @@ class ItoModel(nnx.Module):
 
   @property
   def logit_scale(self):
-    # Capped before exp: at the cap the gradient still reaches log_scale.
-    return jnp.exp(jnp.minimum(self.log_scale[...], MAX_LOG_SCALE))
+    # Capped before exp. train.py clamps the parameter to exactly the cap, and
+    # there `where` passes the whole gradient (jnp.minimum splits a tie's
+    # gradient in half between its arguments), so log_scale can move off it.
+    t = self.log_scale[...]
+    return jnp.exp(jnp.where(t > MAX_LOG_SCALE, MAX_LOG_SCALE, t))
 
 
 def encoder_filter():

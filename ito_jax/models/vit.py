@@ -3,6 +3,8 @@ embedding, encoder, GAP pooling."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +41,8 @@ def kept_patches(image) -> int:
   """Patch tokens an image keeps in training under model.image.patch_dropout
   (all of them at 0): floor((1 - rate) x patches), as in FLIP."""
   patches = (image.image_size // image.patch_size) ** 2
-  return int(patches * (1.0 - image.patch_dropout))
+  # The tolerance absorbs float rounding: (1 - 0.9) x 100 is 9.999..., not 10.
+  return math.floor(patches * (1.0 - image.patch_dropout) + 1e-9)
 
 
 def conv_stem_channels(patch_size: int, width: int) -> list[int]:
