@@ -222,8 +222,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis (batch is split over data x fsdp).
   c.mesh.tensor = 1  # tensor-parallel axis for attention heads and MLP hidden units.
   # Logical axis name -> mesh axes. Parameters carry these names in the model.
+  # (The batch always splits over data x fsdp, sharding.BATCH_AXES: no rule.)
   c.logical_axis_rules = (
-      ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),
@@ -273,13 +273,15 @@ def _require(ok: bool, field: str, message: str) -> None:
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
   """Raises ConfigError naming the first invalid field. Runs before compiling."""
-  for field in ("total_steps",):
+  for field in ("total_steps", "seed"):
     _require(isinstance(c[field], int) and c[field] >= 0, field,
              f"must be a non-negative integer, got {c[field]!r}")
   for field in ("log_every_steps", "eval_every_steps", "batch_size", "checkpoint_every_steps",
                 "keep_checkpoints"):
     _require(isinstance(c[field], int) and c[field] > 0, field,
              f"must be a positive integer, got {c[field]!r}")
+  _require(isinstance(c.data.seed, int) and c.data.seed >= 0, "data.seed",
+           f"must be a non-negative integer, got {c.data.seed!r}")
   try:
     data, fsdp, tensor = sharding.mesh_shape(c, num_devices)
   except ValueError as e:
@@ -290,12 +292,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
     axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     _require(all(a is None or a in sharding.MESH_AXES for a in axes), "logical_axis_rules",
              f"rule {tuple(rule)!r} names a mesh axis outside {sharding.MESH_AXES}")
+    _require(rule[0] != "batch", "logical_axis_rules",
+             f"rule {tuple(rule)!r}: the batch is always split over {sharding.BATCH_AXES} "
+             "(config.mesh.data x config.mesh.fsdp); no rule sets it")
   batch_shards = data * fsdp
   _require(c.batch_size % batch_shards == 0, "batch_size",
            f"{c.batch_size} is not divisible by the {batch_shards} batch shards "
            f"(config.mesh.data x config.mesh.fsdp = {data} x {fsdp} on {num_devices} devices)")
   _require(c.batch_size % num_processes == 0, "batch_size",
            f"{c.batch_size} is not divisible by the process count {num_processes}")
+  # Each process feeds its own rows of the batch, so every process must hold
+  # whole batch shards; with fewer shards than processes (say data = fsdp = 1
+  # and tensor across hosts) the global batch would silently be a fraction of
+  # batch_size, different on every process.
+  _require(batch_shards % num_processes == 0, "mesh",
+           f"the batch is split over config.mesh.data x config.mesh.fsdp = {data} x {fsdp} "
+           f"= {batch_shards} shards, which the {num_processes} processes must divide (each "
+           f"process reads its own part of the batch); put the axes across hosts on data or fsdp")
   _require(c.loss.name in LOSSES, "loss.name", f"unknown loss {c.loss.name!r}; expected one of {LOSSES}")
   for field in ("num_image_views", "num_text_views"):
     _require(isinstance(c.loss[field], int) and c.loss[field] >= 1, f"loss.{field}",

@@ -68,7 +68,12 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
       raise ValueError(f"--process_id must be in [0, --num_processes={num_processes}), got {process_id}")
     # CPU processes exchange collectives over gloo (the default in jax 0.10; set for older ones).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    # Given explicitly, JAX must not also detect a cluster: inside an srun step
+    # it would restrict this process to GPU SLURM_LOCALID, while the launchers
+    # run one process per host that drives all of its devices. To give each
+    # process a subset, set JAX_LOCAL_DEVICE_IDS (JAX reads it either way).
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               cluster_detection_method="deactivate")
     return True
   launcher = multi_process_environment()
   if mode == "on" or launcher:

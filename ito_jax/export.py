@@ -3,7 +3,8 @@
   DIR/export/
     manifest.json      format, version, step, every array's name/shape/dtype, templates,
                        the tokenizer's sha256 and vocab size
-    model_config.json  the `model` config section, fusion disabled (serving builds no head)
+    model_config.json  the `model` config section as serving builds it: fusion disabled (no
+                       head), no patch dropout, cudnn attention as xla (any backend)
     params.npz         image tower, text tower, projections, log_scale, logit_bias
     tokenizer.model    the run's sentencepiece model
 
@@ -79,11 +80,27 @@ def _to_host(x) -> np.ndarray:
 
 
 def serving_model_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The model section as serving builds it: the same towers, no fusion head."""
+  """The model section as serving builds it: the same towers, no fusion head,
+  and none of the training-only settings (`_for_serving`)."""
   c = ml_collections.ConfigDict(model_config.to_dict())
   c.fusion.enabled = False
+  _for_serving(c)
   c.lock()
   return c
+
+
+def _for_serving(c: ml_collections.ConfigDict) -> None:
+  """Training-only model settings, set to what serving runs, in place.
+
+  Serving encodes every patch: no patch dropout, and no FLIP unmasked phase,
+  whose length counts training steps (and would fail validation against the
+  default total_steps when it is longer). cudnn attention runs only on NVIDIA
+  GPUs; xla computes the same values on any backend, so an export serves
+  wherever it is loaded."""
+  c.image.patch_dropout = 0.0
+  c.image.unmasked_final_steps = 0
+  if c.attention == "cudnn":
+    c.attention = "xla"
 
 
 def abstract_model(model_config: ml_collections.ConfigDict) -> ito.ItoModel:
@@ -207,12 +224,13 @@ def _read_model_config(export_dir: epath.Path) -> ml_collections.ConfigDict:
     config.model.update(saved)
   except (AttributeError, KeyError, TypeError) as e:
     _fail(export_dir, CONFIG, f"unknown or mistyped field ({e})")
+  if config.model.fusion.enabled:
+    _fail(export_dir, CONFIG, "model.fusion.enabled is true; exports hold no fusion head")
+  _for_serving(config.model)  # exports written before these were reset still load
   try:
     common.validate(config)
   except common.ConfigError as e:
     _fail(export_dir, CONFIG, str(e))
-  if config.model.fusion.enabled:
-    _fail(export_dir, CONFIG, "model.fusion.enabled is true; exports hold no fusion head")
   return config.model
 
 

@@ -61,7 +61,8 @@ def _size_field(path, logical: str) -> str:
 def check_divisible(config: ml_collections.ConfigDict, mesh) -> None:
   """Raises ValueError if a parameter dimension is not divisible by the mesh
   axes its logical name maps to, naming the parameter, the size's config
-  field and the mesh field. Works on the abstract model: nothing is allocated."""
+  field and the mesh field, or if the rules put one mesh axis on two of its
+  dimensions. Works on the abstract model: nothing is allocated."""
   from ito_jax.models.ito import ItoModel  # the model does not import this module
 
   with nnx.use_eager_sharding(False):
@@ -69,9 +70,17 @@ def check_divisible(config: ml_collections.ConfigDict, mesh) -> None:
   rules = dict(logical_rules(config))
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     names = var.get_metadata().get("out_sharding") or ()
+    used = {}  # mesh axis -> the logical name of the dimension already split over it
     for dim, (size, logical) in enumerate(zip(var.shape, names)):
       axes = rules.get(logical) if logical else None
       axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      for a in axes:
+        if a in used:
+          raise ValueError(
+              f"config.logical_axis_rules: parameter {'/'.join(map(str, path))} has logical "
+              f"axes {tuple(names)}, and {used[a]!r} and {logical!r} both map to mesh axis {a!r}; "
+              f"one mesh axis can split only one dimension of a parameter")
+        used[a] = logical
       shards = math.prod(mesh.shape[a] for a in axes)
       if size % shards:
         mesh_fields = " x ".join(f"config.mesh.{a}={mesh.shape[a]}" for a in axes)
@@ -136,10 +145,19 @@ def replicated(mesh) -> NamedSharding:
 
 
 def put_batch(batch: dict, mesh) -> dict:
-  """Assembles global arrays from this process's part of the batch."""
+  """Assembles global arrays from this process's part of the batch: each of
+  the P processes holds 1 / P of it, as whole batch shards."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+    if out[k].shape[0] != v.shape[0] * jax.process_count():  # processes share batch shards
+      raise ValueError(
+          f"batch[{k!r}]: {jax.process_count()} processes x {v.shape[0]} local rows made a "
+          f"global batch of {out[k].shape[0]}; each process must hold whole batch shards of "
+          f"mesh {dict(mesh.shape)} (batch over {BATCH_AXES})")
+  return out
 
 
 def state_shardings(state):

@@ -259,6 +259,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preemption: checkpoint.PreemptionWatch) -> dict:
   common.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)
+  sharding.check_divisible(config, mesh)  # before any data is generated or read
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, config)
   # Whichever way the loop ends, leaving this block closes what the run holds,

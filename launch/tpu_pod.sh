@@ -123,4 +123,9 @@ if ((detach)); then
   train+=" > ~/ito_jax_train.log 2>&1 < /dev/null &"
 fi
 note "training on every host of $name (workdir $workdir)"
+# Orbax writes each host's checkpoint shards under the workdir: on a slice of
+# several hosts a local path puts them on separate disks, and no host can
+# restore the checkpoint. (A one-host slice is fine.)
+[[ $workdir == *://* ]] ||
+  note "warning: --workdir=$workdir is local to each worker; on a multi-host slice use gs://..."
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all "--command=$train"

@@ -323,3 +323,28 @@ def test_bfloat16_parameters_round_trip_without_pickle(tmp_path, trained):
   loaded = export._read_params(str(tmp_path / "e"), json.load(open(tmp_path / "e" / "manifest.json")))
   assert loaded["a/kernel"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(loaded["a/kernel"].astype(np.float32), np.arange(6).reshape(2, 3))
+
+
+def test_training_only_settings_do_not_stop_an_export_from_loading_and_serving(tmp_path):
+  """A run with FLIP's unmasked phase longer than the default total_steps, and
+  cudnn attention, exports a model that loads and embeds on this CPU: the
+  serving config has no patch dropout and xla attention. Exports written with
+  those settings still in model_config.json load the same way."""
+  config = data_helpers.micro_config()
+  config.total_steps = 3000
+  config.model.image.patch_dropout = 0.5
+  config.model.image.unmasked_final_steps = 1500
+  config.model.attention = "cudnn"
+  texts = [f"a red circle number {i}" for i in range(30)]
+  tokenizer_lib.train_tokenizer(texts, str(tmp_path / "tok.model"), 64)
+  export_dir = export.write(_micro_params(config), config.model, str(tmp_path / "tok.model"),
+                            str(tmp_path / "export"), step=3000)
+  with open(os.path.join(export_dir, "model_config.json")) as f:
+    saved = json.load(f)
+  assert (saved["attention"], saved["image"]["patch_dropout"],
+          saved["image"]["unmasked_final_steps"]) == ("xla", 0.0, 0)
+  served = serve.load(export_dir).embed_texts(texts[:2])
+  _edit_json(export_dir, "model_config.json",
+             lambda c: (c.update(attention="cudnn"),
+                        c["image"].update(patch_dropout=0.5, unmasked_final_steps=1500)))
+  np.testing.assert_allclose(serve.load(export_dir).embed_texts(texts[:2]), served, atol=1e-6)

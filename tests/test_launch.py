@@ -182,8 +182,12 @@ def test_tpu_reuses_a_ready_slice_and_refuses_one_in_another_state(fakes):
 def test_tpu_local_workdir_keeps_the_default_data_dir_and_detach_backgrounds(fakes):
   env, _ = fakes
   args = [a for a in TPU_ARGS if not a.startswith("--workdir")] + ["--workdir=/mnt/run"]
-  remote = printed_commands(launch("tpu_pod.sh", *args, "--detach", "--dry_run", env=env))[-1][-1]
+  result = launch("tpu_pod.sh", *args, "--detach", "--dry_run", env=env)
+  remote = printed_commands(result)[-1][-1]
   assert "data_dir" not in remote
+  # each host's checkpoint shards would land on its own disk: the script warns
+  assert "--workdir=/mnt/run is local to each worker; on a multi-host slice use gs://" in result.stderr
+  assert "local to each worker" not in launch("tpu_pod.sh", *TPU_ARGS, "--dry_run", env=env).stderr
   assert remote.endswith("> ~/ito_jax_train.log 2>&1 < /dev/null &") and "setsid nohup" in remote
 
 

@@ -29,6 +29,7 @@ from ito_jax.models.ito import ItoModel
 from sharded_step_check import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 def unit(rng, *shape):
@@ -131,6 +132,9 @@ def test_objective_without_mesh_equals_the_unsharded_formulation():
     (dict(loss=dict(itm_negative_pool=3)), 8, "config.loss.itm_negative_pool: ITM negatives are mined within pools of 3 samples, which must be >= 2 and divide the 4 samples"),
     (dict(loss=dict(itm_negative_pool=0)), 32, "config.loss.itm_negative_pool: .* pools of 1 samples"),
     (dict(logical_axis_rules=(("embed", "model"),)), 8, "config.logical_axis_rules: rule .* names a mesh axis outside"),
+    (dict(logical_axis_rules=(("batch", "data"),)), 8, r"config.logical_axis_rules: rule \('batch', 'data'\): the batch is always split over \('data', 'fsdp'\)"),
+    (dict(seed=-1), 8, "config.seed: must be a non-negative integer, got -1"),
+    (dict(data=dict(seed=-2)), 8, "config.data.seed: must be a non-negative integer, got -2"),
 ])
 def test_invalid_mesh_settings_name_the_field(update, devices, match):
   config = tiny_config("ito")  # batch 32, ITM pools of 4
@@ -169,6 +173,52 @@ def test_a_dimension_split_over_two_mesh_axes_must_divide_their_product():
   mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)
   with pytest.raises(ValueError, match=r"size 20 .*config.mesh.fsdp=4 x config.mesh.tensor=2"):
     sharding.check_divisible(config, mesh)
+
+
+def test_every_process_must_feed_whole_batch_shards():
+  """Each process reads batch_size / P rows of its own: with the batch split
+  over fewer shards than there are processes (tensor across hosts) the global
+  batch would be a fraction of batch_size, different on every process."""
+  config = tiny_config("ito")
+  config.mesh.update(data=1, fsdp=1, tensor=4)
+  with pytest.raises(common.ConfigError, match=r"config.mesh: the batch is split over "
+                     r"config.mesh.data x config.mesh.fsdp = 1 x 1 = 1 shards, which the 2 processes"):
+    common.validate(config, num_devices=4, num_processes=2)
+  common.validate(config, num_devices=4, num_processes=1)  # one process holds the whole batch
+  config.mesh.update(data=2, tensor=2)
+  common.validate(config, num_devices=4, num_processes=2)  # one batch shard per process
+
+
+def test_one_mesh_axis_on_two_dimensions_of_a_parameter_is_named():
+  """kv -> tensor next to heads -> tensor would split an attention kernel
+  [embed, heads, kv] over 'tensor' twice; check_divisible says so before the
+  model is built, naming the rule set and both logical axes."""
+  config = tiny_config("ito")
+  config.logical_axis_rules = tuple((k, "tensor") if k == "kv" else (k, v)
+                                    for k, v in config.logical_axis_rules)
+  mesh = jax.sharding.AbstractMesh((1, 1, 2), sharding.MESH_AXES)
+  with pytest.raises(ValueError, match=r"config.logical_axis_rules: parameter .*'heads' and 'kv' "
+                     r"both map to mesh axis 'tensor'"):
+    sharding.check_divisible(config, mesh)
+
+
+def test_explicit_coordinator_keeps_every_local_device_inside_an_srun_step(tmp_path):
+  """The Slurm launcher runs one process per node with an explicit coordinator.
+  Inside srun, JAX's cluster detection would restrict the process to GPU
+  SLURM_LOCALID (here 0); it must keep all of them. A one-process job on
+  127.0.0.1, in a subprocess so this one's runtime stays uninitialised."""
+  port = portpicker.pick_unused_port()
+  script = ("import sys, jax; from ito_jax import distributed; "
+            f"distributed.initialize('auto', '127.0.0.1:{port}', 1, 0); "
+            "print('visible', jax.config.values['jax_cuda_visible_devices']); jax.distributed.shutdown()")
+  env = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu01", "SLURM_NTASKS": "1",
+         "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": ROOT}
+  env.pop("JAX_LOCAL_DEVICE_IDS", None)
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "visible all" in out.stdout, out.stdout
 
 
 def test_distributed_start_up_decisions(monkeypatch):
