@@ -235,8 +235,9 @@ def plan_contrast(image: jax.Array, text: jax.Array, coupling: jax.Array, scale:
   cols = coupling.T / jnp.maximum(jnp.sum(coupling, axis=0)[:, None], 1e-30)
   i2t = -jnp.mean(jnp.sum(rows * jax.nn.log_softmax(logits, axis=1), axis=1))
   t2i = -jnp.mean(jnp.sum(cols * jax.nn.log_softmax(logits.T, axis=1), axis=1))
-  entropy = -jnp.mean(jnp.sum(rows * jnp.log(jnp.maximum(rows, 1e-30)), axis=1))
-  # The loss minus the targets' entropy is the KL to the targets: 0 when the
-  # model's own softmax already reproduces the plan.
+  entropy_of = lambda t: -jnp.mean(jnp.sum(t * jnp.log(jnp.maximum(t, 1e-30)), axis=1))
+  # Averaged both ways like the loss, so the loss minus it is the mean KL to
+  # the targets: 0 when the model's softmax reproduces the plan both ways.
+  entropy = 0.5 * (entropy_of(rows) + entropy_of(cols))
   return 0.5 * (i2t + t2i), {"plan_target_entropy": entropy,
                              "plan_top1_mass": jnp.mean(jnp.max(rows, axis=1))}

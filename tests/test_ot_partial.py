@@ -12,7 +12,7 @@ from flax import nnx
 from configs import common, ot_sections
 from ito_jax import bench, objective, objective_ot, sharding, train
 from ito_jax import metrics as metrics_lib
-from ito_jax.data import partial, pipeline
+from ito_jax.data import partial, pipeline, synthetic
 from ito_jax.evaluate import evaluator
 from ito_jax.losses import ot as ot_lib
 
@@ -47,6 +47,25 @@ def test_split_rejects_too_few_seen_samples():
   labels = np.array([0] * 90 + [1] * 10)
   with pytest.raises(ValueError, match="config.partial.aligned_fraction: 0.2 of 100 samples gives 20"):
     partial.split_indices(labels, 0.2, (0,), seed=0)
+
+
+def test_no_aligned_pair_shows_an_unseen_class(partial_data):
+  """ito_shapes draws distractors of any class, and some captions name them:
+  a sample whose distractor is of an unseen class is never aligned, so the
+  aligned pairs neither show nor name an unseen class. Its id gives the
+  example that scene_classes replays; the replay draws the same image."""
+  data_dir, _, _ = partial_data
+  c = data_config(data_dir)
+  source = partial.train_source(c)
+  split = partial.split_for(c, source)
+  shown = {int(i): synthetic.scene_classes(0, "train", synthetic.example_index(source[int(i)].id, "train"))
+           for i in range(len(source))}
+  assert all(shown[i][0] == source[i].label for i in shown)  # the replay is the stored example
+  assert not any(set(shown[int(i)]) & set(UNSEEN) for i in split.aligned)
+  distracting = [i for i in shown if set(shown[i][1:]) & set(UNSEEN) and shown[i][0] not in UNSEEN]
+  assert len(distracting) >= 10  # what the label alone would have let through
+  record = synthetic.make_example(0, "train", 7)
+  assert source[[r for r in range(len(source)) if source[r].id == "train_000007"][0]].image == record["image"]
 
 
 def test_partial_pipeline_batches_come_from_their_pools(partial_data):

@@ -35,8 +35,13 @@ def test_plan_contrast_is_cross_entropy_against_the_plan_rows_and_columns():
   i2t = -np.mean(np.sum(rows * log_softmax(logits), 1))
   t2i = -np.mean(np.sum(cols * log_softmax(logits.T), 1))
   np.testing.assert_allclose(float(loss), 0.5 * (i2t + t2i), rtol=1e-5)
-  np.testing.assert_allclose(float(aux["plan_target_entropy"]), -np.mean(np.sum(rows * np.log(rows), 1)),
+  # Both ways, like the loss: loss - entropy is then the mean KL to the targets.
+  entropy = lambda t: -np.mean(np.sum(t * np.log(t), 1))
+  np.testing.assert_allclose(float(aux["plan_target_entropy"]), 0.5 * (entropy(rows) + entropy(cols)),
                              rtol=1e-5)
+  kl = lambda t, z: np.mean(np.sum(t * (np.log(t) - log_softmax(z)), 1))
+  np.testing.assert_allclose(float(loss) - float(aux["plan_target_entropy"]),
+                             0.5 * (kl(rows, logits) + kl(cols, logits.T)), rtol=1e-4)
 
 
 def test_plan_contrast_pulls_plan_partners_together_and_pushes_the_rest_apart():

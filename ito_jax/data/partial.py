@@ -4,12 +4,16 @@ The training split is divided once, as a function of `config.data.seed`:
 
     aligned           round(ρ · N) samples drawn from the *seen* classes: true
                       (image, captions) pairs, for the contrastive/ITO losses.
+                      On ito_shapes a sample qualifies only if no object of
+                      an unseen class is drawn in it (its distractors too,
+                      which a caption may also name).
     unaligned images  one half of the rest, images only.
     unaligned texts   the other half of the rest, captions only.
 
 The two pools come from disjoint samples, so no true pair exists between them
 and no pairing can leak into training. Classes in `partial.unseen_classes`
-occur only in the pools (they are never drawn as aligned), which is what the
+occur only in the pools (no aligned pair shows or names one on ito_shapes; a
+converted source's samples are judged by their one label), which is what the
 generalised zero-shot evaluation measures.
 
 It works on the one configured training source (ito_shapes' train split, or
@@ -38,7 +42,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from ito_jax.data import augment, bad_records, pipeline, records
+from ito_jax.data import augment, bad_records, pipeline, records, synthetic
 from ito_jax.data.tokenizer import Tokenizer
 
 _SPLIT_STREAM = 0x0A11  # keeps the split's random stream apart from other uses of data.seed
@@ -52,20 +56,26 @@ class Split:
   unaligned_texts: np.ndarray  # [(N - aligned) // 2]
 
 
-def split_indices(labels: np.ndarray, aligned_fraction: float, unseen_classes, seed: int) -> Split:
+def split_indices(labels: np.ndarray, aligned_fraction: float, unseen_classes, seed: int,
+                  shows_unseen: np.ndarray | None = None) -> Split:
   """Divides N training samples with these labels (see module docstring).
 
+  shows_unseen [N] bool, optional: samples that show an unseen class besides
+  their label (ito_shapes' distractors); they are never aligned either.
   With an odd remainder one sample is left out, so the pools have equal size.
   """
   labels = np.asarray(labels)
   n = len(labels)
   rng = np.random.default_rng([seed, _SPLIT_STREAM])
-  seen = np.flatnonzero(~np.isin(labels, np.asarray(unseen_classes, dtype=labels.dtype)))
+  eligible = ~np.isin(labels, np.asarray(unseen_classes, dtype=labels.dtype))
+  if shows_unseen is not None:
+    eligible &= ~np.asarray(shows_unseen, bool)
+  seen = np.flatnonzero(eligible)
   num_aligned = int(round(aligned_fraction * n))
   if not 0 < num_aligned <= len(seen):
     raise ValueError(f'config.partial.aligned_fraction: {aligned_fraction} of {n} samples gives '
                      f'{num_aligned} aligned pairs; need between 1 and the {len(seen)} samples '
-                     'of seen classes')
+                     'of seen classes that show no unseen class')
   aligned = rng.choice(seen, num_aligned, replace=False)
   rest = rng.permutation(np.setdiff1d(np.arange(n), aligned))
   half = len(rest) // 2
@@ -97,7 +107,15 @@ def split_for(config: ml_collections.ConfigDict, source) -> Split:
     # training split may lack a class); a converted source's ids are checked here
     raise ValueError(f'config.partial.unseen_classes: {absent} occur in no label of source '
                      f'{source.name!r}')
-  return split_indices(labels, p.aligned_fraction, tuple(p.unseen_classes), config.data.seed)
+  shows_unseen = None
+  if not config.data.sources and p.unseen_classes:  # ito_shapes: distractors count too
+    unseen = set(p.unseen_classes)
+    shows_unseen = np.array([
+        bool(unseen.intersection(synthetic.scene_classes(
+            config.data.seed, 'train', synthetic.example_index(source[i].id, 'train'))[1:]))
+        for i in range(len(source))])
+  return split_indices(labels, p.aligned_fraction, tuple(p.unseen_classes), config.data.seed,
+                       shows_unseen)
 
 
 class Subset:
