@@ -207,6 +207,19 @@ def test_random_resized_crop_draws_its_area_from_the_whole_scale_range():
   assert max(widths) - min(widths) > 0.25, sorted(widths)
 
 
+@pytest.mark.parametrize("h,w", [(180, 320), (200, 400), (400, 200)])
+def test_random_resized_crop_of_an_image_far_from_square_still_varies(h, w):
+  """At crop_scale (0.7, 1) a 16:9 or 2:1 image rarely or never holds a box
+  of area share >= 0.7 at an aspect within (3/4, 4/3); the crop must not then
+  fall back to the whole frame, or every view of it is the same."""
+  image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  whole = augment.resize(image, 32)
+  crops = [augment.random_resized_crop(image, np.random.default_rng(seed), 32, (0.7, 1.0))
+           for seed in range(40)]
+  assert not any(np.array_equal(c, whole) for c in crops)
+  assert len({c.tobytes() for c in crops}) == len(crops)
+
+
 def test_flip_mirrors_the_image_and_swaps_left_right_in_the_captions(built):
   """TrainTransform with data.flip: a sample flips as a whole, so a bright
   left half arrives on the right exactly when its caption says 'right'."""

@@ -348,3 +348,11 @@ def test_training_only_settings_do_not_stop_an_export_from_loading_and_serving(t
              lambda c: (c.update(attention="cudnn"),
                         c["image"].update(patch_dropout=0.5, unmasked_final_steps=1500)))
   np.testing.assert_allclose(serve.load(export_dir).embed_texts(texts[:2]), served, atol=1e-6)
+
+
+def test_served_texts_are_whitespace_normalised_as_training_captions_were(micro_export):
+  """records.parse turns every run of Unicode whitespace into one space
+  before tokenizing; serving must too, or "a\x85b" gets other ids than "a b"."""
+  embedder = serve.load(micro_export)
+  np.testing.assert_array_equal(embedder.tokenize(["a red\x85circle\x1c left ", "a\tred  circle\n"]),
+                                embedder.tokenize(["a red circle left", "a red circle"]))

@@ -147,6 +147,8 @@ def _check_label(raw: records.RawRecord, class_names: list[str]) -> str:
   label = raw.label
   if label is None:
     return ''
+  if isinstance(label, str) and class_names:
+    return f'label {label!r} is not among the class names'
   if not isinstance(label, int) or isinstance(label, bool):
     return f'label {label!r} is not an integer'
   if label < 0:
@@ -287,8 +289,10 @@ def main(argv):
                     caption_template=_TEMPLATE.value, max_image_pixels=_MAX_PIXELS.value,
                     max_caption_chars=_MAX_CHARS.value)
   extra = ({'captions': _CAPTIONS.value, 'class_names': class_names} if _KIND.value == 'folder' else
-           {'split': _SPLIT.value, 'tfds_data_dir': _TFDS_DATA_DIR.value, 'image_key': _IMAGE_KEY.value,
-            'caption_key': _CAPTION_KEY.value, 'label_key': _LABEL_KEY.value, 'id_key': _ID_KEY.value}
+           {'split': _SPLIT.value,
+            # bash leaves the ~ of --flag=~/dir alone; TFDS would keep it literally
+            'tfds_data_dir': _TFDS_DATA_DIR.value and os.path.expanduser(_TFDS_DATA_DIR.value),
+            'image_key': _IMAGE_KEY.value, 'caption_key': _CAPTION_KEY.value, 'label_key': _LABEL_KEY.value, 'id_key': _ID_KEY.value}
            if _KIND.value == 'tfds' else {})
   m = convert(_KIND.value, os.path.expanduser(_INPUT.value), os.path.expanduser(_OUTPUT.value),
               options, num_workers=_WORKERS.value, **extra)

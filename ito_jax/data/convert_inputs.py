@@ -59,10 +59,9 @@ class FolderInput:
     string_labels = sorted({e['label'] for e in self.entries if isinstance(e['label'], str)})
     self.class_names = list(class_names) if class_names else string_labels
     for e in self.entries:
-      if isinstance(e['label'], str):
-        if e['label'] not in self.class_names:
-          raise ValueError(f'{self.captions_file}: label {e["label"]!r} of {e["image"]!r} is not '
-                           f'among the class names {self.class_names}')
+      # A name outside class_names stays a string: the conversion counts the
+      # record as bad_label (convert._check_label) and goes on.
+      if isinstance(e['label'], str) and e['label'] in self.class_names:
         e['label'] = self.class_names.index(e['label'])
 
   def __getstate__(self):
@@ -80,7 +79,8 @@ class FolderInput:
     malformed ones as 'file:line'."""
     rows, malformed = [], []
     # surrogateescape keeps bytes that are not UTF-8, for the record checks to judge.
-    with open(self.captions_file, encoding='utf-8', errors='surrogateescape', newline='') as f:
+    # utf-8-sig: a BOM (Excel's "CSV UTF-8") would otherwise become part of the first column's name.
+    with open(self.captions_file, encoding='utf-8-sig', errors='surrogateescape', newline='') as f:
       if self.captions_file.endswith('.csv'):
         items = ((reader.line_num, row) for reader in [csv.DictReader(f)] for row in reader)
       else:
@@ -126,6 +126,23 @@ class FolderInput:
             'records': len(self.entries)}
 
 
+class _EndCheckingTarInfo(tarfile.TarInfo):
+  """A TarInfo that notes on the TarFile why the member list ended early.
+
+  A tar ends with a zero block. Streaming tarfile also ends the member list,
+  without an error, where the data stops at or inside a header: a tar cut
+  there would pass for a complete one. The note lets TarInput.read tell."""
+
+  @classmethod
+  def fromtarfile(cls, tar):
+    try:
+      return super().fromtarfile(tar)
+    except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as e:
+      tar.cut_at_header = tarfile.ReadError(f'data ends at a member header ({e or "no bytes"}) '
+                                            'instead of the end-of-archive block')
+      raise
+
+
 class TarInput:
   """Webdataset-style tar shards, one output shard each."""
 
@@ -143,7 +160,8 @@ class TarInput:
   def read(self, tar_path: str) -> Iterator[records.RawRecord]:
     group, key, in_member, broken = {}, None, False, None
     try:
-      with tarfile.open(tar_path, 'r|*') as tar:  # streaming: members in order
+      # streaming: members in order
+      with tarfile.open(tar_path, 'r|*', tarinfo=_EndCheckingTarInfo) as tar:
         for member in tar:
           if not member.isfile():
             continue
@@ -158,6 +176,8 @@ class TarInput:
           key, in_member = member_key, True
           group[ext.lower()] = tar.extractfile(member).read()
           in_member = False
+        if getattr(tar, 'cut_at_header', None) is not None:
+          raise tar.cut_at_header
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
       # A truncated or damaged tar (a common end of an interrupted download):
       # keep every whole member, count the rest as one corrupt record. A break
@@ -192,10 +212,11 @@ class TarInput:
         if isinstance(meta.get('label'), int):
           label = meta['label']
     if 'cls' in group:
+      text = group['cls'].decode('utf-8', 'replace').strip()
       try:
-        label = int(group['cls'].decode().strip())
-      except (UnicodeDecodeError, ValueError):
-        pass
+        label = int(text)
+      except ValueError:
+        label = text  # counted as bad_label by the conversion (convert._check_label)
     return records.RawRecord(id=key, image=image, captions=captions, label=label, dropped=dropped)
 
   def describe(self) -> dict:

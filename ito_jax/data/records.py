@@ -173,6 +173,11 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, str |
     raise BadRecord('missing_field', 'no image')
   if len(data) == 0:
     raise BadRecord('empty_image')
+  if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
+    # PIL refuses more than 2x its own limit (179M pixels by default) at open,
+    # before our check: raised once, process-wide, only as far as a configured
+    # limit asks, so our limit decides.
+    Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
   with warnings.catch_warnings():
     # Our own limit decides; PIL's DecompressionBombWarning would only be noise.
     warnings.simplefilter('ignore', Image.DecompressionBombWarning)
@@ -205,6 +210,13 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, str |
 
 
 # ----------------------------------------------------------------- captions
+
+def normalize_whitespace(text: str) -> str:
+  """Newlines, tabs, runs of spaces and other Unicode whitespace -> one space,
+  trimmed: what training and evaluation captions get, and serving's texts."""
+  return ' '.join(text.split())
+
+
 def decode_captions(captions: list[bytes] | None, max_chars: int,
                     required: bool = True) -> tuple[list[str], list[str]]:
   """Raw captions -> (clean texts, kinds of the dropped ones); raises BadRecord
@@ -220,7 +232,7 @@ def decode_captions(captions: list[bytes] | None, max_chars: int,
     except UnicodeDecodeError:
       dropped.append('non_utf8_caption')
       continue
-    text = ' '.join(text.split())  # newlines/tabs/runs of spaces -> one space
+    text = normalize_whitespace(text)
     if not text:
       dropped.append('empty_caption')
     elif len(text) > max_chars:

@@ -98,14 +98,18 @@ class TfdsFields:
     """Picks fields from a FeaturesDict by feature type and name; `overrides`
     (non-empty strings) win. Raises ValueError when there is no image."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    flat = _flat_features(features)
+    sequenced = set()
+    flat = _flat_features(features, sequenced=sequenced)
     of_type = lambda t: [k for k, f in flat.items() if isinstance(f, t)]
     images = of_type(tfds.features.Image)
     texts = of_type(tfds.features.Text)
-    ids = [k for k in texts + of_type(tfds.features.Tensor) if k.split('/')[-1] in _ID_NAMES]
+    # The record's id is one value: not a per-caption id inside a Sequence.
+    ids = [k for k in texts + of_type(tfds.features.Tensor)
+           if k.split('/')[-1] in _ID_NAMES and k not in sequenced]
     # Only text that is named like a caption: a stray text feature (a file name,
     # a URL) must not become one. Name it with --caption_key otherwise.
-    captions = [k for word in _CAPTION_WORDS for k in texts if word in k and k not in ids]
+    captions = [k for word in _CAPTION_WORDS for k in texts
+                if word in k and k.split('/')[-1] not in _ID_NAMES]
     labels = [k for k in of_type(tfds.features.ClassLabel) if '/' not in k]
     found = dict(image=images[0] if images else '', captions=captions[0] if captions else '',
                  label=labels[0] if labels else '', id=ids[0] if ids else '')
@@ -129,17 +133,25 @@ class TfdsFields:
                              label=label)
 
 
-def _flat_features(features, prefix: str = '') -> dict[str, Any]:
-  """{'a/b': feature} over nested FeaturesDict / Sequence(FeaturesDict)."""
+def _flat_features(features, prefix: str = '', sequenced: set | None = None) -> dict[str, Any]:
+  """{'a/b': feature} over nested FeaturesDict / Sequence(FeaturesDict).
+  `sequenced`, if given, receives the keys that hold one value per element
+  of a Sequence rather than one per record."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   out = {}
   for name, feature in features.items():
     key = f'{prefix}{name}'
-    inner = feature.feature if isinstance(feature, tfds.features.Sequence) else feature
+    is_sequence = isinstance(feature, tfds.features.Sequence)
+    inner = feature.feature if is_sequence else feature
     if isinstance(inner, tfds.features.FeaturesDict):
-      out.update(_flat_features(inner, key + '/'))
+      inside = _flat_features(inner, key + '/', sequenced)
+      if is_sequence and sequenced is not None:
+        sequenced.update(inside)
+      out.update(inside)
     else:
       out[key] = inner
+      if is_sequence and sequenced is not None:
+        sequenced.add(key)
   return out
 
 

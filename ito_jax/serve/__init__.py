@@ -144,7 +144,9 @@ class Embedder:
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     check_texts(texts)
-    return self.tokenizer.encode_batch(list(texts), self.context_length)  # [n, L]
+    # As training's captions were (records.parse): "a\x85b" tokenizes as "a b".
+    texts = [records.normalize_whitespace(t) for t in texts]
+    return self.tokenizer.encode_batch(texts, self.context_length)  # [n, L]
 
   # ---- model calls on already-preprocessed batches ---------------------------
   def _run(self, fn, array: np.ndarray) -> np.ndarray:
