@@ -292,7 +292,8 @@ def main(argv):
            {'split': _SPLIT.value,
             # bash leaves the ~ of --flag=~/dir alone; TFDS would keep it literally
             'tfds_data_dir': _TFDS_DATA_DIR.value and os.path.expanduser(_TFDS_DATA_DIR.value),
-            'image_key': _IMAGE_KEY.value, 'caption_key': _CAPTION_KEY.value, 'label_key': _LABEL_KEY.value, 'id_key': _ID_KEY.value}
+            'image_key': _IMAGE_KEY.value, 'caption_key': _CAPTION_KEY.value,
+            'label_key': _LABEL_KEY.value, 'id_key': _ID_KEY.value}
            if _KIND.value == 'tfds' else {})
   m = convert(_KIND.value, os.path.expanduser(_INPUT.value), os.path.expanduser(_OUTPUT.value),
               options, num_workers=_WORKERS.value, **extra)

@@ -91,15 +91,20 @@ def train_source(config: ml_collections.ConfigDict, data_dir: str | None = None)
   return configured[0][0]
 
 
-def train_labels(source) -> np.ndarray:
-  """The label of every record, -1 where it has none (images stay encoded)."""
-  return np.array([-1 if source[i].label is None else source[i].label
-                   for i in range(len(source))], np.int32)
+def train_labels_and_ids(source) -> tuple[np.ndarray, list[str]]:
+  """The label of every record (-1 where it has none) and its id, in one
+  pass over the source (images stay encoded)."""
+  labels, ids = [], []
+  for i in range(len(source)):
+    record = source[i]
+    labels.append(-1 if record.label is None else record.label)
+    ids.append(record.id)
+  return np.array(labels, np.int32), ids
 
 
 def split_for(config: ml_collections.ConfigDict, source) -> Split:
   p = config.partial
-  labels = train_labels(source)
+  labels, ids = train_labels_and_ids(source)
   if p.unseen_classes and (labels < 0).all():
     raise ValueError(f'config.partial.unseen_classes: source {source.name!r} has no labels')
   absent = sorted(set(p.unseen_classes) - set(labels.tolist()))
@@ -112,8 +117,8 @@ def split_for(config: ml_collections.ConfigDict, source) -> Split:
     unseen = set(p.unseen_classes)
     shows_unseen = np.array([
         bool(unseen.intersection(synthetic.scene_classes(
-            config.data.seed, 'train', synthetic.example_index(source[i].id, 'train'))[1:]))
-        for i in range(len(source))])
+            config.data.seed, 'train', synthetic.example_index(record_id, 'train'))[1:]))
+        for record_id in ids])
   return split_indices(labels, p.aligned_fraction, tuple(p.unseen_classes), config.data.seed,
                        shows_unseen)
 

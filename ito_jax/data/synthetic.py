@@ -204,6 +204,10 @@ def captions_for(rng: np.random.Generator, attributes: dict) -> list[str]:
 _SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
 
 
+def _class_id(colour: str, shape: str) -> int:
+  return COLOURS.index(colour) * len(SHAPES) + SHAPES.index(shape)  # CLASS_NAMES' order
+
+
 def make_example(seed: int, split: str, index: int) -> dict:
   """Example `index` of `split`: a pure function of its arguments (no split sizes),
   so a larger build extends a smaller one and any example can be regenerated."""
@@ -212,7 +216,7 @@ def make_example(seed: int, split: str, index: int) -> dict:
   png = io.BytesIO()
   Image.fromarray(image).save(png, format='PNG', compress_level=1)  # fast, fixed bytes
   return {'image': png.getvalue(), 'captions': captions_for(rng, a),
-          'label': COLOURS.index(a['colour']) * len(SHAPES) + SHAPES.index(a['shape']),
+          'label': _class_id(a['colour'], a['shape']),
           'id': f'{split}_{index:06d}'}
 
 
@@ -221,8 +225,7 @@ def scene_classes(seed: int, split: str, index: int) -> tuple[int, ...]:
   distractors' classes. Replays make_example's draws (about 0.3 ms), so it
   needs no field in the stored records."""
   _, a = _scene(np.random.default_rng([seed, _SPLIT_IDS[split], index]))
-  label = lambda colour, shape: COLOURS.index(colour) * len(SHAPES) + SHAPES.index(shape)
-  return (label(a['colour'], a['shape']), *(label(c, s) for c, s in a['distractors']))
+  return (_class_id(a['colour'], a['shape']), *(_class_id(c, s) for c, s in a['distractors']))
 
 
 def example_index(record_id: str, split: str) -> int:
