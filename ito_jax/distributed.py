@@ -20,9 +20,12 @@ process 0 writes logs.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 MODES = ("auto", "on", "off")
 
@@ -87,3 +90,22 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
           "for a single process") from e
     return True
   return False
+
+
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+  """Adds up per-process integer counts by key; every process must call it at
+  the same point. Keys may differ between processes (each names only the kinds
+  it has seen), so the counts travel as JSON: one gather of their lengths,
+  one of the padded bytes. A single process gets its own counts back."""
+  if jax.process_count() == 1:
+    return dict(counts)
+  mine = np.frombuffer(json.dumps(counts, sort_keys=True).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([mine.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:mine.size] = mine
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # [processes, max length]
+  total: dict[str, int] = {}
+  for row, n in zip(gathered, lengths):
+    for key, value in json.loads(row[:n].tobytes().decode()).items():
+      total[key] = total.get(key, 0) + int(value)
+  return dict(sorted(total.items()))

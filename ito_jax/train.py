@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from configs import common
-from ito_jax import accumulation, checkpoint, export, objective, sharding
+from ito_jax import accumulation, checkpoint, distributed, export, objective, sharding
 from ito_jax.data import pipeline
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
@@ -334,7 +334,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         tally = None
         check_progress(metrics, step, speed.steps)
         metrics.update(speed.rates(config.batch_size))
-        metrics.update(pipeline.data_metrics(train_iter))  # bad records skipped, by kind
+        # Bad records skipped, by kind, over all processes (each reads its own shard).
+        metrics.update(distributed.sum_over_processes(pipeline.data_metrics(train_iter)))
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         speed.restart()

@@ -63,9 +63,14 @@ def main():
     local = {k: v[mine] for k, v in random_batch(config, seed=i).items()}
     state, metrics = step(state, sharding.put_batch(local, mesh))
     losses.append(float(metrics["loss"]))
+  # Bad-record counts as train.py logs them: each process names only the kinds it has seen.
+  counts = {"data/records_read": 10 + jax.process_index(),
+            f"data/bad/kind{jax.process_index()}": 1 + jax.process_index()}
+  data_counts = distributed.sum_over_processes(counts)
   print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
                     "devices": jax.device_count(), "mesh": dict(mesh.shape),
-                    "accumulation_steps": config.optim.accumulation_steps, "losses": losses}),
+                    "accumulation_steps": config.optim.accumulation_steps, "losses": losses,
+                    "data_counts": data_counts}),
         flush=True)
   if args.num_processes > 1:
     jax.distributed.shutdown()

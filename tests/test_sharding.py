@@ -376,7 +376,8 @@ def test_sharded_step_equals_single_device_step(objectives):
 def test_two_processes_follow_the_one_process_trajectory():
   """ITO (with patch dropout) on 2 processes x 2 devices, the towers in two
   microbatches there (optim.accumulation_steps = 2, each microbatch drawing
-  rows from both processes), against one process, one device, one pass."""
+  rows from both processes), against one process, one device, one pass;
+  and the bad-record counts that train.py logs, summed over the processes."""
   port = portpicker.pick_unused_port()
   script = os.path.join(HERE, "multiprocess_check.py")
   workers = [start([script, "--num_processes=2", f"--process_id={i}", f"--port={port}",
@@ -396,5 +397,9 @@ def test_two_processes_follow_the_one_process_trajectory():
   assert [r["devices"] for r in results] == [4, 4]
   assert [r["accumulation_steps"] for r in results + [reference]] == [2, 2, 1]
   assert results[0]["losses"] == results[1]["losses"]  # one global computation
+  # Logged bad-record counts add up every process's shard, kinds seen by either.
+  both = {"data/records_read": 21, "data/bad/kind0": 1, "data/bad/kind1": 2}
+  assert [r["data_counts"] for r in results] == [both, both]
+  assert reference["data_counts"] == {"data/records_read": 10, "data/bad/kind0": 1}
   np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5, atol=1e-5)
   assert reference["losses"][-1] < reference["losses"][0]  # it trains
