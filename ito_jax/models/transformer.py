@@ -91,10 +91,14 @@ class Attention(nnx.Module):
     v = self.value(kv)
     mask = None if kv_mask is None else kv_mask[:, None, None, :]  # [batch, 1, 1, kv_len]
     if self.spec.attention == "einsum":
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+      # Logits in float32 whatever the compute dtype, as jax.nn.dot_product_attention
+      # keeps them: bf16 logits round by up to 1/256 of their size before the
+      # softmax (0.125 at 30), which exponentiates into the weights.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+      logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
       if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
       y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     else:
       y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.spec.attention)
