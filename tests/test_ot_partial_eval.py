@@ -28,6 +28,10 @@ def test_generalised_zero_shot_accuracy_by_hand():
   out = zeroshot.accuracy_by_group(image_emb, class_emb, labels, (0,))  # seen 3/5, unseen 1/1
   assert out["zeroshot/seen_accuracy"] == pytest.approx(3 / 5)
   assert out["zeroshot/harmonic_mean"] == pytest.approx(2 * 0.6 / 1.6)
+  # Per class: seen classes 1, 2, 3 are 1, 0 and 2/3 right -> 5/9, not 3/5 over images.
+  assert out["zeroshot/seen_class_mean_accuracy"] == pytest.approx(5 / 9)
+  assert out["zeroshot/unseen_class_mean_accuracy"] == pytest.approx(1.0)
+  assert out["zeroshot/class_mean_harmonic_mean"] == pytest.approx(2 * (5 / 9) / (1 + 5 / 9))
 
 
 
