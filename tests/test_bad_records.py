@@ -56,6 +56,33 @@ def test_odd_modes_convert_to_the_right_rgb():
     assert example.label == 4
 
 
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
+def test_exif_orientation_is_applied(fmt):
+  """A photo taken sideways is stored sideways with EXIF orientation 6 (or 8);
+  decoded, it is upright, as a viewer shows it."""
+  import io
+  from PIL import Image
+  upright = np.zeros((40, 60, 3), np.uint8)  # [H, W]: a wide image, red on top, blue below
+  upright[:20] = (255, 0, 0)
+  upright[20:] = (0, 0, 255)
+  # Stored as a camera held sideways would: rotated 90 degrees clockwise, tag 8
+  # tells a viewer to rotate it back (90 degrees counter-clockwise is 6).
+  for tag, stored in ((8, np.rot90(upright, -1)), (6, np.rot90(upright, 1)), (1, upright)):
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(stored)).save(buf, format=fmt, exif=exif.tobytes(), quality=95, subsampling=0)
+    pixels, _ = records.decode_image(buf.getvalue(), LIMITS.max_image_pixels)
+    assert pixels.shape == (40, 60, 3), (tag, pixels.shape)
+    assert np.abs(pixels.astype(int) - upright).max() < 40, tag  # JPEG's error is small
+  # A truncated EXIF block: Pillow warns and reads no tags, so nothing is rotated.
+  buf = io.BytesIO()
+  Image.fromarray(upright).save(buf, format=fmt, exif=b'Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff')
+  with pytest.warns(UserWarning, match='Corrupt EXIF'):
+    pixels, _ = records.decode_image(buf.getvalue(), LIMITS.max_image_pixels)
+  assert pixels.shape == (40, 60, 3)
+
+
 def test_caption_checks():
   png = h.encode(h.Image.new('RGB', (4, 4)), 'PNG')
   parse = lambda captions: records.parse(records.RawRecord('x', png, captions), LIMITS)

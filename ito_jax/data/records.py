@@ -15,7 +15,8 @@ that order. No pickle: any reader in any language can parse it.
 `parse` turns a `RawRecord` into an `Example` (RGB uint8 pixels, clean caption
 strings) or raises `BadRecord(kind, ...)`. What can be repaired is repaired and
 reported in `Example.repairs` (CMYK, 16-bit, grayscale, palette and alpha images
-convert to RGB; bad captions among good ones are dropped); what cannot is one of
+convert to RGB; bad captions among good ones are dropped; a photo's EXIF
+orientation is applied, so it is upright as a viewer shows it); what cannot is one of
 `BAD_KINDS`. Training counts both (see `ito_jax.data.bad_records`).
 """
 
@@ -28,7 +29,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAGIC = b'ITOR'
 _LENGTH = struct.Struct('<I')
@@ -163,6 +164,21 @@ def to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
   return np.asarray(img.convert('RGB')), repair
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def _upright(img: Image.Image) -> Image.Image:
+  """The image as a viewer shows it: a camera's EXIF orientation tag (a photo
+  taken sideways is stored sideways with tag 6 or 8) applied and cleared."""
+  try:
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+  except Exception as e:  # pylint: disable=broad-except
+    # Pillow's EXIF parser raises whatever the broken bytes trip (struct.error,
+    # SyntaxError, ...); the pixels may be fine, but their orientation is unknown.
+    raise BadRecord('corrupt_image', f'{img.format} EXIF: {type(e).__name__}: {e}') from None
+  return img if orientation == 1 else ImageOps.exif_transpose(img)
+
+
 def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, str | None]:
   """Encoded bytes -> ([H, W, 3] uint8 RGB, repair or None); raises BadRecord.
 
@@ -202,6 +218,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, str |
       # ...: every failure here is a broken file, never a reason to stop.
       kind = 'truncated_image' if 'truncated' in str(e).lower() else 'corrupt_image'
       raise BadRecord(kind, f'{img.format} {width}x{height}: {e}') from None
+    img = _upright(img)
   try:
     pixels, repair = to_rgb(img)
   except (ValueError, OSError) as e:
