@@ -9,8 +9,10 @@
 #   --config, --workdir  passed to ito_jax.main (required); the workdir may be gs://...
 #                        (needs gcsfs) with a local --config.data.data_dir after --.
 #   --gpus               CUDA_VISIBLE_DEVICES for the run (default: all GPUs).
-#   --install            first build .venv (make venv) and add jax's CUDA plugin at the
-#                        pinned jax version: jax[cuda12] (default) or jax[cuda13].
+#   --install            first install requirements.txt and jax's CUDA plugin at the
+#                        pinned jax version, jax[cuda12] (default) or jax[cuda13]: into
+#                        .venv (built with make venv), or into $PYTHON's environment
+#                        when PYTHON is set.
 #   --dry_run            print every command (one per line) instead of running it.
 #   after --             extra flags for ito_jax.main.
 # Environment: PYTHON (default: the checkout's .venv/bin/python).
@@ -42,9 +44,14 @@ done
 python=${PYTHON:-$ROOT/.venv/bin/python}
 
 if [[ -n $install ]]; then
-  note "building .venv and adding jax[$install]"
-  run make -C "$ROOT" venv
-  run "$python" -m pip install -q "jax[$install]==$(pinned jax)"
+  if [[ -n ${PYTHON:-} ]]; then  # the user's own environment: make venv would build another
+    note "installing requirements.txt and jax[$install] into $python's environment"
+    run "$python" -m pip install -q -r "$ROOT/requirements.txt" "jax[$install]==$(pinned jax)"
+  else
+    note "building .venv and adding jax[$install]"
+    run make -C "$ROOT" venv
+    run "$python" -m pip install -q "jax[$install]==$(pinned jax)"
+  fi
 fi
 
 environment=("PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}")

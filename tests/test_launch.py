@@ -214,12 +214,22 @@ def test_gpu_single_host_dry_run_and_real_run_agree(fakes):
 
 
 def test_gpu_install_adds_the_cuda_plugin_at_the_pinned_jax(fakes):
+  """Into .venv by default; into PYTHON's environment, requirements and all,
+  when PYTHON is set (building .venv would leave the Python that trains without them)."""
   env, _ = fakes
   commands = printed_commands(launch("gpu_single_host.sh", "--config=c.py", "--workdir=w",
                                      "--install=cuda13", "--dry_run", env=env))
+  assert commands[0] == [env["PYTHON"], "-m", "pip", "install", "-q", "-r",
+                         os.path.join(ROOT, "requirements.txt"), f"jax[cuda13]=={jax_pin()}"]
+  assert commands[1][:4] == ["env", f"PYTHONPATH={ROOT}", env["PYTHON"], "-m"]
+  assert "CUDA_VISIBLE_DEVICES" not in " ".join(commands[1])  # all GPUs
+  del env["PYTHON"]
+  venv_python = os.path.join(ROOT, ".venv", "bin", "python")
+  commands = printed_commands(launch("gpu_single_host.sh", "--config=c.py", "--workdir=w",
+                                     "--install", "--dry_run", env=env))
   assert commands[0] == ["make", "-C", ROOT, "venv"]
-  assert commands[1] == [env["PYTHON"], "-m", "pip", "install", "-q", f"jax[cuda13]=={jax_pin()}"]
-  assert "CUDA_VISIBLE_DEVICES" not in " ".join(commands[2])  # all GPUs
+  assert commands[1] == [venv_python, "-m", "pip", "install", "-q", f"jax[cuda12]=={jax_pin()}"]
+  assert commands[2][2] == venv_python
 
 
 def test_gpu_rejects_bad_flags(fakes):
