@@ -67,10 +67,20 @@ def main():
   counts = {"data/records_read": 10 + jax.process_index(),
             f"data/bad/kind{jax.process_index()}": 1 + jax.process_index()}
   data_counts = distributed.sum_over_processes(counts)
+  # A mesh whose batch shards span both processes (data=1, tensor=4; common.validate
+  # refuses it): put_batch must refuse it too rather than build a half-size batch.
+  shared_mesh_error = None
+  if args.num_processes > 1:
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, len(devices)
+    try:
+      sharding.put_batch({k: v[mine] for k, v in random_batch(config, seed=0).items()},
+                         sharding.make_mesh(config, devices))
+    except ValueError as e:
+      shared_mesh_error = str(e)
   print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
                     "devices": jax.device_count(), "mesh": dict(mesh.shape),
                     "accumulation_steps": config.optim.accumulation_steps, "losses": losses,
-                    "data_counts": data_counts}),
+                    "data_counts": data_counts, "shared_mesh_error": shared_mesh_error}),
         flush=True)
   if args.num_processes > 1:
     jax.distributed.shutdown()

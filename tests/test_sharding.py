@@ -401,5 +401,8 @@ def test_two_processes_follow_the_one_process_trajectory():
   both = {"data/records_read": 21, "data/bad/kind0": 1, "data/bad/kind1": 2}
   assert [r["data_counts"] for r in results] == [both, both]
   assert reference["data_counts"] == {"data/records_read": 10, "data/bad/kind0": 1}
+  # put_batch refuses a mesh whose batch shards the processes share, naming the sizes.
+  assert all("2 processes x 8 local rows made a global batch of 8" in r["shared_mesh_error"]
+             for r in results), [r["shared_mesh_error"] for r in results]
   np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5, atol=1e-5)
   assert reference["losses"][-1] < reference["losses"][0]  # it trains
