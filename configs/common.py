@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # parameter (and optimizer state) dtype.
   m.scan_layers = False  # stack blocks and nnx.scan over them (flat compile time in depth).
   m.remat = "none"  # activation rematerialisation per block: none | full | dots.
-  # Attention: einsum (two einsums and an f32 softmax, written out) | xla | cudnn
+  # Attention: einsum (two einsums, f32 logits and softmax, written out) | xla | cudnn
   # (jax.nn.dot_product_attention's implementations; cudnn is the fused GPU kernel).
   # einsum is the default: on the 2-core CPU it made the bench_s step 3-6% faster than
   # xla in alternating rounds (benchmarks/RESULTS.md §0); same values either way.
