@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -57,6 +58,8 @@ def test_every_image_form_gives_the_same_embedding(embedder, tmp_path):
   np.testing.assert_allclose(np.linalg.norm(from_batch, axis=-1), 1.0, atol=1e-5)
   mixed = embedder.embed_images([images[0], str(path), Image.fromarray(images[2]).convert("RGBA")])
   np.testing.assert_allclose(mixed, from_batch, atol=1e-6)
+  one = embedder.embed_images(bytearray(png_bytes(images[0])))  # one image, not a list of ints
+  np.testing.assert_allclose(one, from_batch[:1], atol=1e-6)
   preprocessed = embedder.preprocess_image(images[0])  # float [-1, 1] at model size is taken as is
   np.testing.assert_allclose(embedder.embed_images(preprocessed[None]), from_batch[:1], atol=1e-6)
 
@@ -99,17 +102,25 @@ def _preprocessing_only(image_size=20):
 
 
 def test_serving_decodes_images_as_training_does(tmp_path):
-  """16-bit grey (PIL's convert clips it to white) and transparent pixels of
-  junk colour (composited on white) reach the model as in training/eval."""
+  """16-bit grey (PIL's convert clips it to white), transparent pixels of junk
+  colour (composited on white) and a photo stored sideways with EXIF
+  orientation 6 (turned upright) reach the model as in training/eval, in
+  every form: bytes, path, PIL image, HTTP."""
   rng = np.random.default_rng(0)
   grey16 = Image.fromarray(rng.integers(0, 65536, (24, 24)).astype(np.uint16))
   rgba = Image.fromarray(np.dstack([rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
                                     np.where(rng.random((24, 24)) < 0.5, 0, 255).astype(np.uint8)]))
+  sideways = Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  buf = io.BytesIO()
+  sideways.save(buf, format="PNG", exif=exif.tobytes())
   bare = _preprocessing_only()
-  for name, image in (("grey16", grey16), ("rgba", rgba)):
-    data = png_bytes_of(image)
+  for name, image, data in (("grey16", grey16, png_bytes_of(grey16)), ("rgba", rgba, png_bytes_of(rgba)),
+                            ("exif", sideways, buf.getvalue())):
     pixels, repair = records.decode_image(data, records.Limits.max_image_pixels)
-    assert repair in ("mode_16bit", "mode_alpha")
+    assert repair in ("mode_16bit", "mode_alpha", None)
+    assert pixels.shape[:2] == ((36, 24) if name == "exif" else (24, 24))
     want = augment.to_unit_range(augment.resize(pixels, 20))
     np.testing.assert_allclose(want, augment.resize(pixels, 20) / 127.5 - 1, atol=1e-6)  # [-1, 1]
     naive = augment.to_unit_range(augment.resize(np.asarray(image.convert("RGB")), 20))
@@ -242,6 +253,17 @@ def test_concurrent_requests_share_forward_passes(server, embedder):
   assert server.batchers["text"].largest_batch > 2  # rows of several requests in one pass
 
 
+def request_url(url: str) -> tuple[int, dict]:
+  parsed = urllib.parse.urlparse(url)
+  conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+  try:
+    conn.request("GET", parsed.path)
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+  finally:
+    conn.close()
+
+
 def _raw(server, data: bytes) -> tuple[int, dict]:
   """Sends bytes as they are (for requests http.client will not make)."""
   with socket.create_connection(server.server_address[:2], timeout=30) as sock:
@@ -363,6 +385,7 @@ def test_float_images_below_minus_one_are_refused():
 @pytest.mark.parametrize("body, message", [
     (b'{"texts": ["ok", "\\ud800 red"]}', "texts[1] is not valid Unicode: a lone surrogate"),
     (b"[" * 20_000 + b"]" * 20_000, "malformed JSON: nested too deeply"),
+    (b'{"texts": ' + b"1" * 5000 + b"}", "malformed JSON: Exceeds the limit"),  # Python's int cap
 ])
 def test_unencodable_text_and_deep_json_get_400(modelless_server, body, message):
   status, reply = request(modelless_server, "POST", "/embed/text", body,
@@ -381,6 +404,49 @@ def test_malformed_http_framing_gets_4xx(server, raw, want_status, message):
   status, reply = _raw(server, raw)
   assert status == want_status and message in reply["error"], reply
   assert request(server, "GET", "/health")[0] == 200
+
+
+def test_a_short_body_gets_400_and_a_stalled_one_408(modelless_server, monkeypatch):
+  """A body shorter than its Content-Length: 400 once the client stops sending
+  (half-close), 408 once it stalls past the handler's timeout; never a 500."""
+  head = b"POST /embed/text HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+  with socket.create_connection(modelless_server.server_address[:2], timeout=30) as sock:
+    sock.sendall(head + b'{"texts": ["a"]}')
+    sock.shutdown(socket.SHUT_WR)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    assert response.status == 400 and b"ended after 16 of 100 bytes" in response.read()
+  monkeypatch.setattr(serve_http._Handler, "timeout", 0.5)  # pylint: disable=protected-access
+  status, reply = _raw(modelless_server, head + b'{"texts": ["a"]}')
+  assert status == 408 and "did not arrive within 0.5 s" in reply["error"], reply
+
+
+def test_a_burst_of_new_connections_is_queued_not_refused():
+  """Connections wait in the listen queue until the server accepts them:
+  socketserver's default queue of 5 dropped the rest of a burst."""
+  srv = serve_http.EmbeddingServer(_stand_in(), port=0, limits=LIMITS)  # listening, not accepting
+  socks = []
+  try:
+    for _ in range(40):
+      socks.append(socket.create_connection(srv.server_address[:2], timeout=2))
+  finally:
+    for sock in socks:
+      sock.close()
+    srv.server_close()
+  assert len(socks) == 40
+
+
+def test_load_test_server_takes_a_relative_export_and_reports_a_failed_start(
+    tiny_reference_run, monkeypatch, tmp_path):
+  """The load test's child server runs in the repository root: an export path
+  relative to the caller's directory still finds the export, and a server that
+  exits at start-up is reported with its status and stderr, not as a timeout."""
+  monkeypatch.chdir(tiny_reference_run["workdir"])
+  with loadtest.ServerProcess("export", startup_timeout=120) as proc:
+    assert request_url(proc.url + "/health")[0] == 200
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(RuntimeError, match=r"(?s)exited with status [1-9].*no_such_export: not a directory"):
+    loadtest.ServerProcess("no_such_export", startup_timeout=120)
 
 
 def test_load_test_reports_figures_with_no_errors(server):

@@ -167,7 +167,7 @@ def to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
 _EXIF_ORIENTATION = 0x0112
 
 
-def _upright(img: Image.Image) -> Image.Image:
+def upright(img: Image.Image) -> Image.Image:
   """The image as a viewer shows it: a camera's EXIF orientation tag (a photo
   taken sideways is stored sideways with tag 6 or 8) applied and cleared."""
   try:
@@ -218,7 +218,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, str |
       # ...: every failure here is a broken file, never a reason to stop.
       kind = 'truncated_image' if 'truncated' in str(e).lower() else 'corrupt_image'
       raise BadRecord(kind, f'{img.format} {width}x{height}: {e}') from None
-    img = _upright(img)
+    img = upright(img)
   try:
     pixels, repair = to_rgb(img)
   except (ValueError, OSError) as e:

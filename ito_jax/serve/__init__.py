@@ -106,7 +106,8 @@ class Embedder:
 
     Files, bytes and PIL images go to RGB exactly as training and evaluation
     decode them (`records.decode_image`: 16-bit grey rescaled, transparency on
-    white); files and bytes above `max_pixels` are refused before decoding."""
+    white, EXIF orientation applied); files and bytes above `max_pixels` are
+    refused before decoding."""
     if isinstance(image, (str, os.PathLike)):
       try:
         with open(image, "rb") as f:
@@ -123,7 +124,9 @@ class Embedder:
     elif isinstance(image, Image.Image):
       try:
         image.load()
-        image, _ = records.to_rgb(image)
+        image, _ = records.to_rgb(records.upright(image))
+      except records.BadRecord as e:
+        raise InputError(f"{name}: not a decodable image ({e})") from e
       except (OSError, ValueError) as e:
         raise InputError(f"{name}: not a decodable image ({e})") from e
     array = np.asarray(image)
@@ -185,7 +188,7 @@ class Embedder:
     preprocess_image) -> float32 [n, D]."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
       items = list(images)
-    elif isinstance(images, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
+    elif isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)):
       items = [images]
     else:
       items = list(images)

@@ -206,6 +206,9 @@ def parse_images(body, embedder: serve.Embedder, limits: Limits) -> np.ndarray:
 # =============================================================================
 class EmbeddingServer(ThreadingHTTPServer):
   daemon_threads = True
+  # Connections the kernel queues before accept(): socketserver's default of 5
+  # reset the sixth of a burst of new clients.
+  request_queue_size = 128
 
   def __init__(self, embedder: serve.Embedder, host: str = "127.0.0.1", port: int = 8000,
                limits: Limits = Limits(), max_wait_ms: float = 2.0):
@@ -269,7 +272,9 @@ class _Handler(BaseHTTPRequestHandler):
                                                  f"POST /embed/text or /embed/image")
       try:
         body = json.loads(raw)
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      except ValueError as e:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is
+        # Python's refusal of an integer literal over 4300 digits.
         raise RequestError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {e}") from None
       except RecursionError:
         raise RequestError(HTTPStatus.BAD_REQUEST,
@@ -303,14 +308,26 @@ class _Handler(BaseHTTPRequestHandler):
       raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                          f"request body of {length} bytes exceeds the limit of "
                          f"{self.server.limits.max_body_bytes}")
-    return self.rfile.read(length)
+    try:
+      body = self.rfile.read(length)
+    except TimeoutError:
+      raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
+                         f"the {length}-byte body (Content-Length) did not arrive within "
+                         f"{self.timeout} s") from None
+    if len(body) < length:
+      raise RequestError(HTTPStatus.BAD_REQUEST,
+                         f"the body ended after {len(body)} of {length} bytes (Content-Length)")
+    return body
 
   def _discard(self, length: int) -> None:
     """Reads and drops up to DRAIN_BYTES of a body we refuse: closing a socket
     with unread data resets it, and the client would never see our reply."""
     left = min(length, DRAIN_BYTES)
     while left > 0:
-      chunk = self.rfile.read(min(left, 1 << 16))
+      try:
+        chunk = self.rfile.read(min(left, 1 << 16))
+      except TimeoutError:  # the client stopped sending; the reply closes the connection
+        return
       if not chunk:
         return
       left -= len(chunk)

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -165,10 +166,13 @@ class ServerProcess:
   """`python -m ito_jax.serve http` in a child process on a free loopback port."""
 
   def __init__(self, export_dir: str, startup_timeout: float = 300.0, extra_args=()):
+    if "://" not in export_dir:  # the child runs in the repository root, not our directory
+      export_dir = os.path.abspath(export_dir)
+    self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: nothing reads it while serving
     self.process = subprocess.Popen(
         [sys.executable, "-m", "ito_jax.serve", "http", f"--export={export_dir}", "--port=0",
          *extra_args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE, stderr=self.stderr, text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     self.url = None
     deadline = time.monotonic() + startup_timeout
@@ -182,7 +186,13 @@ class ServerProcess:
     finally:
       watchdog.cancel()
     if self.url is None or time.monotonic() > deadline:
+      exited = self.process.poll()
+      if exited is not None:
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-3000:]
       self.stop()
+      if exited is not None and time.monotonic() <= deadline:
+        raise RuntimeError(f"the server exited with status {exited} before serving:\n{tail}")
       raise RuntimeError(f"the server did not start within {startup_timeout} s")
 
   def stop(self):
@@ -193,6 +203,8 @@ class ServerProcess:
       except subprocess.TimeoutExpired:
         self.process.kill()
         self.process.wait()
+    self.process.stdout.close()
+    self.stderr.close()
 
   def __enter__(self):
     return self
