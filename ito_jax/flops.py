@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from ito_jax import objective_ot
 from ito_jax.models import vit
 
 # Dense bf16 peak TFLOP/s per chip (per device as jax lists it), from vendor
@@ -85,11 +86,12 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> dict:
   }
   if m.fusion.enabled:
     parts["fusion_head"] = 0  # not counted: training-only, small (see bench --fusion_overhead)
-  if "partial" in config and config.partial.enabled:
+  if "partial" in config and objective_ot.uses_unaligned(config):
     # The unaligned image and text batches R_ot embeds every step once it is on
-    # (before ot.start_step a lax.cond skips them: those steps cost less),
-    # shared over the aligned batch's examples. The Sinkhorn iterations
-    # themselves are not counted.
+    # (before ot.start_step a lax.cond skips them: those steps cost less, and
+    # ito_jax.bench times a step after it), shared over the aligned batch's
+    # examples. Not counted without R_ot (ot weights 0: the objective never
+    # encodes them), nor the Sinkhorn iterations themselves.
     p = config.partial
     share = p.unaligned_batch_size * p.unaligned_views / config.batch_size
     tokens = vit.kept_patches(img) if p.unaligned_patch_dropout else patches

@@ -168,6 +168,23 @@ def test_partial_mode_counts_the_unaligned_towers():
   fwd_xla = jax.jit(loss).lower(state, batch).compile().cost_analysis()["flops"]
   assert fwd_xla / (sum(parts.values()) * c.batch_size) == pytest.approx(1.0, abs=0.05)
   assert fwd_xla / (aligned * c.batch_size) > 2.5  # what leaving them out got wrong
+  # Without R_ot (both weights 0) the objective never encodes them: not counted.
+  c.loss.ot_weight = 0.0
+  assert "unaligned_towers" not in flops.forward_flops_per_example(c)
+
+
+def test_bench_times_the_step_with_r_ot_on():
+  """The benchmarked state starts at step 0; a config whose R_ot starts later
+  (ot.start_step) is timed as the steps after it run, R_ot included."""
+  c = tiny(32)
+  c.model.image.depth = c.model.text.depth = 1
+  c.partial.enabled = True
+  c.partial.unaligned_batch_size, c.partial.unaligned_views = 8, 1
+  c.loss.ot_weight, c.ot.start_step = 1.0, 50
+  step = bench.CompiledStep(c)
+  assert step.config.ot.start_step == 0 and c.ot.start_step == 50  # the caller's config is kept
+  _, metrics = step.compiled(step.state, step.batch)
+  assert float(metrics["ot/weight"]) == 1.0 and float(metrics["loss/ot"]) != 0.0
 
 
 def test_xla_undercounts_microbatched_towers_and_the_figures_say_so():
