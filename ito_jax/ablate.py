@@ -97,23 +97,34 @@ def over_seeds(per_seed: dict) -> dict:
 
 def finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
   """Whether run_dir holds a finished run (its eval.json) of exactly `config`.
-  A finished run of another config is an error naming what differs, so that a
-  reused workdir never mixes runs of different settings into one table."""
-  if not os.path.exists(os.path.join(run_dir, "eval.json")):
+  A run of another config there, finished or not (a preempted run's checkpoint
+  would be resumed under this config), is an error naming what differs, so
+  that a reused workdir never mixes runs of different settings into one table."""
+  if os.path.exists(os.path.join(run_dir, "eval.json")):
+    differ, state = _differences(run_dir, config), "finished earlier"
+  elif os.path.exists(os.path.join(run_dir, "config.json")):
+    differ, state = _differences(run_dir, config), "holds an unfinished (preempted) run"
+  else:
     return False
+  if differ:
+    raise ValueError(f"{run_dir}: {state} with another config ({', '.join(differ[:5])} "
+                     "differ); use another --workdir or delete that run")
+  return state == "finished earlier"
+
+
+def _differences(run_dir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """The config fields whose values differ between run_dir/config.json and `config`."""
   from ito_jax import checkpoint  # orbax and jax load only when a saved run is compared
   with open(os.path.join(run_dir, "config.json")) as f:  # fields added since: their defaults
     saved = checkpoint.config_to_json(checkpoint.config_from_json(json.load(f)))
   wanted = json.loads(config.to_json_best_effort())
-  if saved != wanted:
-    def flat(d, prefix=""):
-      return {k2: v2 for k, v in d.items()
-              for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
-    a, b = flat(saved), flat(wanted)
-    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    raise ValueError(f"{run_dir}: finished earlier with another config ({', '.join(differ[:5])} "
-                     "differ); use another --workdir or delete that run")
-  return True
+
+  def flat(d, prefix=""):
+    return {k2: v2 for k, v in d.items()
+            for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+  a, b = flat(saved), flat(wanted)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def format_cell(m: dict, key: str) -> str:

@@ -119,12 +119,13 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
   rows, tokenizer = [], None
   for rho in fractions:
     for variant in variants:
-      per_seed, minutes = {}, 0.0
+      per_seed, minutes, run_dirs = {}, 0.0, []
       for seed in seeds:
         config = run_config(base, variant, rho, data_dir)
         config.seed = seed
         name = f"rho{rho:g}_{variant}" + ("" if seed == base.seed else f"_seed{seed}")
         run_dir = os.path.join(workdir, name)
+        run_dirs.append(run_dir)
         if ablate.finished(run_dir, config):
           with open(os.path.join(run_dir, "eval.json")) as f:
             per_seed[seed] = json.load(f)
@@ -141,7 +142,7 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
         minutes += _minutes(run_dir)
         tokenizer = tokenizer or os.path.join(run_dir, "tokenizer.model")
       rows.append({"aligned_fraction": rho, "run": variant, "seeds": seeds,
-                   "workdir": os.path.join(workdir, f"rho{rho:g}_{variant}"),
+                   "workdirs": run_dirs,
                    "train_minutes": minutes, "eval": ablate.over_seeds(per_seed)})
       print(table(rows), flush=True)
   with open(os.path.join(workdir, "ablation.json"), "w") as f:

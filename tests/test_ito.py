@@ -137,6 +137,15 @@ def test_finished_refuses_a_run_of_another_config(tmp_path):
   c.optim.learning_rate *= 0.5
   with pytest.raises(ValueError, match=r"finished earlier with another config \(optim.learning_rate differ\)"):
     ablate.finished(str(tmp_path), c)
+  # A preempted run (config.json and a checkpoint, no eval.json) is resumed only
+  # under its own config: under another, its checkpoint would continue as this one.
+  (tmp_path / "eval.json").unlink()
+  with pytest.raises(ValueError, match=r"holds an unfinished \(preempted\) run with another config "
+                                       r"\(optim.learning_rate differ\)"):
+    ablate.finished(str(tmp_path), c)
+  c.optim.learning_rate *= 2
+  assert not ablate.finished(str(tmp_path), c)  # the same config: resumed
+  assert not ablate.finished(str(tmp_path / "new"), c)  # nothing there yet
 
 
 def test_finished_reads_fields_added_since_the_run_as_their_defaults(tmp_path):

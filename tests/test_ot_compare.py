@@ -44,6 +44,7 @@ def test_ot_compare_over_seeds_reports_mean_and_std_and_resumes(tmp_path):
   assert (tmp_path / "rho0.2_contrastive" / "eval.json").exists()  # the config's seed (0)
   assert (tmp_path / "rho0.2_contrastive_seed5" / "eval.json").exists()
   (row,) = rows
+  assert row["workdirs"] == [str(tmp_path / "rho0.2_contrastive"), str(tmp_path / "rho0.2_contrastive_seed5")]
   per_seed = row["eval"]["per_seed"]
   key = "zeroshot/unseen_accuracy"
   values = [per_seed["0"][key], per_seed["5"][key]]
