@@ -339,17 +339,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         speed.restart()
+      if preempted:
+        # Saved before this step's evaluation, if it has one: a preemption's grace
+        # period is short, and the save's commit runs on while it evaluates.
+        ckpt.save(step, state, train_iter, mesh)
       if step % config.eval_every_steps == 0 or step == config.total_steps:
+        # Steps are dispatched ahead of the device: let them finish on the
+        # training clock, or the evaluation's wait for them would leave it.
+        jax.block_until_ready(state)
         t_eval = time.perf_counter()
         nnx.update((model, optimizer), state)
         eval_metrics = evaluator.run(model)
         writer.write(step, eval_metrics)
         speed.exclude(time.perf_counter() - t_eval)  # evaluation time is not training throughput
-      ckpt.maybe_save(step, state, train_iter, mesh)
       if preempted:
-        ckpt.save(step, state, train_iter, mesh)  # no-op when this step was just saved
         preempted_at = step
         break
+      ckpt.maybe_save(step, state, train_iter, mesh)
     else:
       if config.total_steps > start_step:
         ckpt.save(config.total_steps, state, train_iter, mesh)

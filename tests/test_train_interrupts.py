@@ -1,8 +1,10 @@
 """What the training loop keeps when a run stops early, in process on the
 tiny ITO config of tests/tiny_run.py: an error after a checkpoint has started
-saving leaves that checkpoint complete (the rerun resumes from it), and a
+saving leaves that checkpoint complete (the rerun resumes from it), a
 preempted run writes the counts since its last log line at the step it stops,
-and a second SIGTERM stops a run that never reaches a step boundary.
+a preemption at an evaluation step saves before it evaluates, steps still
+running when an evaluation starts stay on the training clock, and a second
+SIGTERM stops a run that never reaches a step boundary.
 The kill/resume scenarios as subprocesses are in tests/test_checkpoint.py."""
 
 import signal
@@ -86,6 +88,70 @@ def test_a_preempted_run_logs_the_counts_since_its_last_log_line(data_dir, tmp_p
   train.train_and_evaluate(c, workdir)
   assert [(r["step"], r["ot/unconverged"]) for r in loss_lines(workdir)] == [(2, 2.0), (3, 1.0),
                                                                               (4, 1.0)]
+
+
+def test_a_preemption_at_an_evaluation_step_saves_before_it_evaluates(data_dir, tmp_path, monkeypatch):
+  """The grace period after SIGTERM is short: the checkpoint save starts
+  before that step's evaluation, which still runs and is logged."""
+  from ito_jax.evaluate import evaluator
+  order = []
+  real_save, real_eval = checkpoint.Checkpointer.save, evaluator.Evaluator.run
+
+  def save(self, step, *args, **kwargs):
+    order.append(("save", step))
+    return real_save(self, step, *args, **kwargs)
+
+  def evaluate(self, model):
+    order.append(("evaluate", None))
+    return real_eval(self, model)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+  monkeypatch.setattr(evaluator.Evaluator, "run", evaluate)
+  monkeypatch.setattr(checkpoint.PreemptionWatch, "reached", lambda self, step, ckpt: step == 2)
+  workdir = str(tmp_path / "run")
+  c = config(data_dir, total_steps=4, eval_every_steps=2, checkpoint_every_steps=1000)
+  assert train.train_and_evaluate(c, workdir) == {"step": 2, "preempted": True}
+  assert order == [("save", 2), ("evaluate", None)]
+  assert [r["step"] for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl")
+          if any(k.startswith("retrieval/") for k in r)] == [2]
+
+
+def test_steps_still_running_when_evaluation_starts_count_as_training(data_dir, tmp_path, monkeypatch):
+  """Steps are dispatched ahead of the device. Each step here takes 0.4 s on
+  the device (a host callback sleeps), and the evaluation at step 5 starts
+  while steps 4 and 5 still run: that wait is training, so the line of steps
+  4-6 reads at most 3 / 1.2 s, not 3 steps over the 0.4 s outside evaluation.
+  (The line of step 3 holds the compilation.)"""
+  import time
+  import jax
+  real_step = train.make_train_step
+
+  def slow(*args, **kwargs):
+    step = real_step(*args, **kwargs)
+
+    def wait(x):
+      time.sleep(0.4)
+      return x
+
+    @jax.jit  # a second program after the step, dispatched as asynchronously as the step
+    def delay(loss, state):
+      loss = jax.pure_callback(wait, jax.ShapeDtypeStruct((), jnp.float32), loss)
+      # The parameters wait for the sleep too (0 * loss: a data dependency, no change).
+      return loss, jax.tree.map(
+          lambda x: x + 0 * loss.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+    def slowed(state, batch):
+      state, out = step(state, batch)
+      loss, state = delay(out["loss"], state)
+      return state, {**out, "loss": loss}
+    return slowed
+
+  monkeypatch.setattr(train, "make_train_step", slow)
+  workdir = str(tmp_path / "run")
+  c = config(data_dir, total_steps=6, log_every_steps=3, eval_every_steps=5, checkpoint_every_steps=1000)
+  train.train_and_evaluate(c, workdir)
+  (line,) = [r for r in loss_lines(workdir) if r["step"] == 6]
+  assert line["steps_per_sec"] <= 3 / 1.2, line["steps_per_sec"]
 
 
 def test_a_second_sigterm_before_the_step_ends_stops_at_once():
