@@ -69,7 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.image.unmasked_final_steps = 0
   m.text = ml_collections.ConfigDict()
   m.text.variant = ""  # informational name, e.g. "B"; set sizes with text().
-  m.text.vocab_size = 8192  # also the size the sentencepiece tokenizer is trained to.
+  # Embedding rows, and the most pieces the sentencepiece tokenizer is trained
+  # to (fewer on a small corpus: Tokenizer.vocab_size is the real count).
+  m.text.vocab_size = 8192
   m.text.context_length = 32  # tokens per caption, EOS included.
   m.text.width = 512
   m.text.depth = 12

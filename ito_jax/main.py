@@ -6,8 +6,10 @@
 Training resumes from DIR/checkpoints when it holds any; SIGTERM saves a
 checkpoint and exits with status 0 (rerun the same command to continue).
 
-Several processes (one per host) run the same command. TPU pods and Slurm /
-Open MPI GPU clusters are detected; a CPU cluster names its coordinator:
+Several processes (one per host) run the same command. Slurm srun steps, Open
+MPI, JAX_COORDINATOR_ADDRESS and multi-host TPU environments that set
+TPU_WORKER_HOSTNAMES are detected; a Cloud TPU VM slice started by hand needs
+--distributed=on (launch/tpu_pod.sh passes it); a CPU cluster names its coordinator:
 
   python -m ito_jax.main --config=... --workdir=DIR \
       --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
@@ -28,8 +30,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, tokenizer, 
 flags.mark_flag_as_required("workdir")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
-    "Multi-process start-up: auto (when the explicit flags below or a TPU pod / Slurm / "
-    "Open MPI / JAX_COORDINATOR_ADDRESS environment say so), on (always "
+    "Multi-process start-up: auto (when the explicit flags below or a Slurm srun step / "
+    "Open MPI / JAX_COORDINATOR_ADDRESS / TPU_WORKER_HOSTNAMES environment say so; a Cloud "
+    "TPU VM slice lists its workers only in its metadata server: pass on), on (always "
     "jax.distributed.initialize), off (single process).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0's coordinator (CPU clusters).")
