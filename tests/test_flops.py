@@ -48,7 +48,7 @@ def test_views_multiply_their_parts():
   assert parts["logits"] == 2 * 8 * 2 * 32  # [B=8] x [N=2] columns of dim 32, 2 FLOPs each
   assert parts["projections"] == 2 * 32 * (64 + 2 * 64)  # one image view, two text views
   c = tiny()
-  c.partial.enabled = True
+  c.partial.enabled, c.loss.ot_weight = True, 1.0
   c.partial.unaligned_batch_size, c.partial.unaligned_views = 16, 1
   one = flops.forward_flops_per_example(c)["unaligned_towers"]
   c.partial.unaligned_views = 3

@@ -186,7 +186,10 @@ class ServerProcess:
     finally:
       watchdog.cancel()
     if self.url is None or time.monotonic() > deadline:
-      exited = self.process.poll()
+      try:  # stdout ends just before the process does: give it a moment to exit
+        exited = self.process.wait(timeout=10) if self.url is None else self.process.poll()
+      except subprocess.TimeoutExpired:
+        exited = None
       if exited is not None:
         self.stderr.seek(0)
         tail = self.stderr.read()[-3000:]
