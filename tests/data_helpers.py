@@ -2,6 +2,7 @@
 with captions files, webdataset tars, one file for every bad kind, and a
 micro training config."""
 
+import collections
 import io
 import json
 import os
@@ -184,3 +185,37 @@ def micro_config(**data):
   c.data.max_image_pixels = MAX_PIXELS
   c.data.update(data)
   return c
+
+
+
+def ids_read_per_process(monkeypatch, make_dataset, transforms, batches: int, processes: int = 2) -> dict:
+  """{class name: [(source, id) of the records process p's transforms read,
+  for p in range(processes)]}
+  after `batches` batches of `make_dataset(process_index, process_count)` for
+  each process (in-process pipelines, data.num_workers = 0). Reads are told
+  apart by the transform instance that made them, since an earlier process's
+  iterator may still be prefetching in the background."""
+  created, reads = [], collections.defaultdict(set)
+  for t in transforms:
+    def init(self, *args, _real=t.__init__, **kwargs):
+      created.append(self)
+      _real(self, *args, **kwargs)
+
+    def noting(self, element, rng, _real=t.random_map):
+      reads[id(self)].add((self.source, element.id))
+      return _real(self, element, rng)
+
+    monkeypatch.setattr(t, '__init__', init)
+    monkeypatch.setattr(t, 'random_map', noting)
+  per_process = []
+  for p in range(processes):
+    first = len(created)
+    it = iter(make_dataset(p, processes))
+    for _ in range(batches):
+      next(it)
+    per_process.append(created[first:])
+  out = {t.__name__: [set() for _ in range(processes)] for t in transforms}
+  for p, instances in enumerate(per_process):
+    for instance in instances:
+      out[type(instance).__name__][p] |= reads[id(instance)]
+  return out

@@ -331,7 +331,7 @@ def converted(inputs, tmp_path_factory):
   return out, kinds, tok
 
 
-def test_mix_follows_weights_and_is_deterministic(converted):
+def test_mix_follows_weights_and_is_deterministic(converted, monkeypatch):
   out, _, tok = converted
   paths = [str(out / k) for k in ('folder', 'tar', 'tfds')]
   config = h.micro_config(sources=((paths[0], 2.0), (paths[1], 1.0), paths[2]))
@@ -342,13 +342,17 @@ def test_mix_follows_weights_and_is_deterministic(converted):
   for b in batches:
     for k, v in next(again).items():
       np.testing.assert_array_equal(v, b[k])
-  # Processes read disjoint halves of every source.
-  halves = [iter(pipeline.train_dataset(config, tok, process_index=p, process_count=2))
-            for p in range(2)]
-  b0, b1 = next(halves[0]), next(halves[1])
-  assert b0['images'].shape[0] == 4 and not np.array_equal(b0['images'], b1['images'])
   labels = np.concatenate([b['labels'] for b in batches])  # tar records with .txt: no label
   assert labels.dtype == np.int32 and (labels == -1).any() and (labels >= 0).sum() >= 24
+  # Processes read disjoint halves of every source: 4 rows a batch each, and
+  # no record read by both (read-ahead included).
+  assert next(iter(pipeline.train_dataset(config, tok, process_index=1, process_count=2)))[
+      'images'].shape[0] == 4
+  (read,) = h.ids_read_per_process(
+      monkeypatch, lambda p, n: pipeline.train_dataset(config, tok, process_index=p, process_count=n),
+      [pipeline.TrainTransform], batches=8).values()
+  assert {s for s, _ in read[0]} == {s for s, _ in read[1]} == set(paths)  # every source, both
+  assert not read[0] & read[1], sorted(read[0] & read[1])[:5]
 
 
 def test_eval_arrays_from_a_converted_source(converted):

@@ -13,6 +13,7 @@ from PIL import Image
 import pytest
 from etils import epath
 
+import data_helpers
 from ito_jax.data import augment, pipeline, records, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
 
@@ -271,7 +272,9 @@ def test_train_batches_shapes_and_views(built):
   assert more['tokens'].shape == (8, 7, 16) and more['images'].shape == (8, 1, 32, 32, 3)
 
 
-def test_process_shards_are_disjoint_and_cover(built):
+def test_process_shards_are_disjoint_and_cover(built, monkeypatch):
+  """pipeline.shard splits a source, and train_dataset reads through it: over
+  an epoch two processes read disjoint halves of the records, all of them."""
   data_dir, builder, tok = built
   source = grain.MapDataset.source(builder.as_data_source('train'))
   shards = [{r['id'] for r in pipeline.shard(source, p, 3)} for p in range(3)]
@@ -280,7 +283,10 @@ def test_process_shards_are_disjoint_and_cover(built):
   b0 = next(iter(pipeline.train_dataset(config, tok, process_index=0, process_count=2)))
   b1 = next(iter(pipeline.train_dataset(config, tok, process_index=1, process_count=2)))
   assert b0['images'].shape[0] == b1['images'].shape[0] == 4
-  assert not np.array_equal(b0['images'], b1['images'])
+  (read,) = data_helpers.ids_read_per_process(
+      monkeypatch, lambda p, n: pipeline.train_dataset(config, tok, process_index=p, process_count=n),
+      [pipeline.TrainTransform], batches=NUM_TRAIN // 8).values()  # each half's 150 records, 4 a batch
+  assert not read[0] & read[1] and len(read[0] | read[1]) == NUM_TRAIN
   with pytest.raises(ValueError, match='batch_size'):
     pipeline.train_dataset(make_config(data_dir, batch_size=9), tok, process_count=2)
 

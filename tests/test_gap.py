@@ -146,9 +146,10 @@ def test_saturation_on_hand_built_logits():
   np.testing.assert_allclose(out['mean_margin'], (10 + 1 - 3) / 3, rtol=1e-6)
 
 
-def test_saturation_runs_under_jit_and_threshold_is_strict():
+def test_saturation_runs_under_jit_and_the_threshold_sits_at_0_99():
   # Row 0 sits just under the threshold: p_pos = e^a / (e^a + 1) is 0.99 at
-  # a = log 99, so a slightly smaller a must not count; row 1 saturates.
+  # a = log 99, so a slightly smaller a must not count; row 1 saturates. (Whether
+  # exactly 0.99 counts is not pinned: softmax rarely gives it exactly in float32.)
   a = np.log(99.0) - 1e-3
   logits = np.array([[a, 0.0], [0.0, 20.0]], np.float32)
   out = jax.jit(gap.saturation)(logits)

@@ -16,6 +16,7 @@ from ito_jax.data import partial, pipeline, synthetic
 from ito_jax.evaluate import evaluator
 from ito_jax.losses import ot as ot_lib
 
+import data_helpers
 from partial_helpers import UNSEEN, data_config, micro_config, params as _params, run_step as _run
 
 
@@ -68,7 +69,7 @@ def test_no_aligned_pair_shows_an_unseen_class(partial_data):
   assert source[[r for r in range(len(source)) if source[r].id == "train_000007"][0]].image == record["image"]
 
 
-def test_partial_pipeline_batches_come_from_their_pools(partial_data):
+def test_partial_pipeline_batches_come_from_their_pools(partial_data, monkeypatch):
   data_dir, builder, tok = partial_data
   c = data_config(data_dir)
   source = partial.train_source(c)
@@ -90,6 +91,16 @@ def test_partial_pipeline_batches_come_from_their_pools(partial_data):
   assert all(np.array_equal(first[k], again[k]) for k in first)
   shard = next(iter(pipeline.train_dataset(c, tok, process_index=1, process_count=2)))
   assert shard["images"].shape[0] == 4 and shard["unaligned_images"].shape[0] == 6
+  # Each stream is split between the processes: disjoint halves of its pool, together all of it.
+  read = data_helpers.ids_read_per_process(
+      monkeypatch, lambda p, n: pipeline.train_dataset(c, tok, process_index=p, process_count=n),
+      [pipeline.TrainTransform, partial.ImageTransform, partial.TextTransform],
+      batches=max(len(split.aligned) // 4, len(split.unaligned_images) // 6) + 1)
+  for name, pool in (("TrainTransform", split.aligned), ("ImageTransform", split.unaligned_images),
+                     ("TextTransform", split.unaligned_texts)):
+    ids = {(source.name, source[int(i)].id) for i in pool}
+    assert not read[name][0] & read[name][1] and read[name][0] | read[name][1] == ids, name
+  monkeypatch.undo()
   # The iterator state (what a checkpoint saves) resumes all three streams exactly.
   state = it.get_state()
   expected = next(it)
