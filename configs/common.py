@@ -8,6 +8,8 @@ An experiment file defines `get_config(arg=None)` that starts from
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from ito_jax import sharding
@@ -274,8 +276,11 @@ def _require(ok: bool, field: str, message: str) -> None:
     raise ConfigError(f"config.{field}: {message}")
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
-  """Raises ConfigError naming the first invalid field. Runs before compiling."""
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1,
+             backend: str | None = None) -> None:
+  """Raises ConfigError naming the first invalid field. Runs before compiling.
+  `backend` (jax.default_backend()), when given, is checked against settings
+  that need one: model.attention = 'cudnn' runs only on GPUs."""
   for field in ("total_steps", "seed"):
     _require(isinstance(c[field], int) and c[field] >= 0, field,
              f"must be a non-negative integer, got {c[field]!r}")
@@ -316,10 +321,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   for field in ("num_image_views", "num_text_views"):
     _require(isinstance(c.loss[field], int) and c.loss[field] >= 1, f"loss.{field}",
              f"must be an integer >= 1, got {c.loss[field]!r}")
-  _require(c.loss.anchor_pull_weight >= 0, "loss.anchor_pull_weight",
-           f"must be >= 0, got {c.loss.anchor_pull_weight}")
+  _require(0 <= c.loss.anchor_pull_weight < math.inf, "loss.anchor_pull_weight",
+           f"must be finite and >= 0, got {c.loss.anchor_pull_weight}")
   for field in ("itm_weight", "anchor_weight"):
-    _require(c.loss[field] >= 0, f"loss.{field}", f"must be >= 0, got {c.loss[field]}")
+    _require(0 <= c.loss[field] < math.inf, f"loss.{field}", f"must be finite and >= 0, got {c.loss[field]}")
     _require(c.loss[field] == 0 or c.model.fusion.enabled, f"loss.{field}",
              "is non-zero but model.fusion.enabled is False")
   _require(isinstance(c.loss.sharded, bool), "loss.sharded", f"must be a bool, got {c.loss.sharded!r}")
@@ -344,9 +349,17 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _require(m.remat in ("none", "full", "dots"), "model.remat", f"expected none|full|dots, got {m.remat!r}")
   _require(m.attention in ("xla", "cudnn", "einsum"), "model.attention",
            f"expected xla|cudnn|einsum, got {m.attention!r}")
+  # cuDNN's fused attention takes only 16-bit inputs, and head dims that are
+  # multiples of 8 up to 128 (jax.nn.dot_product_attention's checks).
+  _require(m.attention != "cudnn" or m.dtype == "bfloat16", "model.attention",
+           f"'cudnn' needs model.dtype = 'bfloat16', got {m.dtype!r}")
+  _require(m.attention != "cudnn" or backend in (None, "gpu", "cuda"), "model.attention",
+           f"'cudnn' is the fused GPU kernel; this backend is {backend!r} (use einsum or xla)")
   _require(isinstance(m.donate, bool), "model.donate", f"must be True or False, got {m.donate!r}")
   _require(m.embed_dim > 0, "model.embed_dim", f"must be positive, got {m.embed_dim}")
-  _require(m.temperature_init > 0, "model.temperature_init", f"must be positive, got {m.temperature_init}")
+  _require(0 < m.temperature_init < math.inf, "model.temperature_init",
+           f"must be finite and positive, got {m.temperature_init}")
+  _require(math.isfinite(m.bias_init), "model.bias_init", f"must be finite, got {m.bias_init}")
   towers = [("model.image", m.image), ("model.text", m.text)]
   if m.fusion.enabled:
     towers.append(("model.fusion", m.fusion))
@@ -356,6 +369,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
                f"must be a positive integer, got {t[field]!r}")
     _require(t.width % t.num_heads == 0, f"{name}.width",
              f"{t.width} is not divisible by num_heads {t.num_heads}")
+    head_dim = t.width // t.num_heads
+    _require(m.attention != "cudnn" or (head_dim % 8 == 0 and head_dim <= 128), f"{name}.num_heads",
+             f"gives a head dim of {head_dim}; model.attention = 'cudnn' needs a multiple of 8 up to 128")
     _require(t.mlp_ratio > 0, f"{name}.mlp_ratio", f"must be positive, got {t.mlp_ratio}")
   _require(m.image.patch_size > 0 and m.image.image_size % m.image.patch_size == 0,
            "model.image.patch_size",
@@ -383,7 +399,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
            f"must be >= 2, got {m.text.context_length}")
 
   o = c.optim
-  _require(o.learning_rate > 0, "optim.learning_rate", f"must be positive, got {o.learning_rate}")
+  _require(0 < o.learning_rate < math.inf, "optim.learning_rate",
+           f"must be finite and positive, got {o.learning_rate}")
   _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
   _require(o.grad_clip_norm >= 0, "optim.grad_clip_norm", f"must be >= 0, got {o.grad_clip_norm}")

@@ -43,6 +43,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int)
   _require(isinstance(c.ot.start_step, int) and not isinstance(c.ot.start_step, bool)
            and c.ot.start_step >= 0, "ot.start_step",
            f"must be a non-negative integer, got {c.ot.start_step!r}")
+  _require(not (c.loss.ot_weight or c.loss.ot_plan_contrast_weight)
+           or c.ot.start_step == 0 or c.ot.start_step < c.total_steps, "ot.start_step",
+           f"{c.ot.start_step} is not before total_steps = {c.total_steps}: R_ot would never run "
+           "(set loss.ot_weight = 0 for a run without it)")
   for field in ("include_aligned", "debias"):
     _require(isinstance(c.ot[field], bool), f"ot.{field}", f"must be True or False, got {c.ot[field]!r}")
   _require(c.ot.stop_gradient in ("", "image", "text"), "ot.stop_gradient",

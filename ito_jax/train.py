@@ -257,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preemption: checkpoint.PreemptionWatch) -> dict:
-  common.validate(config, jax.device_count(), jax.process_count())
+  common.validate(config, jax.device_count(), jax.process_count(), jax.default_backend())
   mesh = sharding.make_mesh(config)
   sharding.check_divisible(config, mesh)  # before any data is generated or read
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)

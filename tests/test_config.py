@@ -43,7 +43,13 @@ def tiny():
     ("data.sources", ("/a", ("/b", 0.0)), "config.data.sources[1]: expected 'DIR' or ('DIR', weight > 0)"),
     ("data.sources", (("/a", 1.0, 2.0),), "config.data.sources[0]: expected 'DIR' or ('DIR', weight > 0)"),
     ("data.num_workers", -1, "config.data.num_workers: must be >= 0"),
-    ("model.temperature_init", 0.0, "config.model.temperature_init: must be positive"),
+    ("model.temperature_init", 0.0, "config.model.temperature_init: must be finite and positive"),
+    ("model.temperature_init", float("inf"), "config.model.temperature_init: must be finite and positive"),
+    ("model.bias_init", float("nan"), "config.model.bias_init: must be finite, got nan"),
+    ("optim.learning_rate", float("inf"), "config.optim.learning_rate: must be finite and positive"),
+    ("loss.anchor_pull_weight", float("inf"), "config.loss.anchor_pull_weight: must be finite and >= 0"),
+    ("loss.itm_weight", float("inf"), "config.loss.itm_weight: must be finite and >= 0"),
+    ("model.attention", "cudnn", "config.model.attention: 'cudnn' needs model.dtype = 'bfloat16'"),
     ("model.embed_dim", 0, "config.model.embed_dim: must be positive"),
     ("model.text.vocab_size", 15, "config.model.text.vocab_size: must be >= 16"),
     ("model.text.context_length", 1, "config.model.text.context_length: must be >= 2"),
@@ -94,3 +100,17 @@ def test_named_sizes():
     common.vit(config, "H/14")
   with pytest.raises(ValueError, match="unknown text size"):
     common.text(config, "XXL")
+
+
+def test_cudnn_attention_is_refused_where_it_cannot_run():
+  """The fused GPU kernel: not on another backend, and only with head dims
+  that are multiples of 8 up to 128 (the tiny config's 128 / 4 = 32 is one)."""
+  config = tiny()
+  config.model.update(attention="cudnn", dtype="bfloat16")
+  common.validate(config, backend="gpu")
+  with pytest.raises(common.ConfigError, match="config.model.attention: 'cudnn' is the fused GPU "
+                                               "kernel; this backend is 'cpu'"):
+    common.validate(config, backend="cpu")
+  config.model.image.update(width=96, num_heads=8)
+  with pytest.raises(common.ConfigError, match="config.model.image.num_heads: gives a head dim of 12"):
+    common.validate(config, backend="gpu")

@@ -242,6 +242,23 @@ def test_einsum_attention_keeps_bf16_logits_in_float32():
   np.testing.assert_allclose(outs["einsum"], outs["xla"], rtol=0, atol=1e-6)
 
 
+def test_cudnn_attention_traces_with_a_padding_mask(monkeypatch):
+  """The text tower's padding mask reaches cuDNN's kernel as a full
+  [batch, 1, q_len, kv_len] bias, the shape jax.nn.dot_product_attention's
+  cudnn path checks for. Traced only (no GPU here): JAX's cuDNN version probe
+  is stubbed, so this checks shapes, not the kernel."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  from ito_jax.models.transformer import Attention, EncoderSpec
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+  with nnx.use_eager_sharding(False):
+    layer = Attention(EncoderSpec(width=64, depth=1, num_heads=2, attention="cudnn",
+                                  dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
+  x = jax.ShapeDtypeStruct((2, 24, 64), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((2, 24), jnp.bool_)
+  out = jax.eval_shape(lambda x, m: layer(x, kv_mask=m), x, mask)
+  assert out.shape == (2, 24, 64)
+
+
 def test_patchify_is_the_patch_convolution():
   """The ViT computes its patch embedding as a matmul over patches; it must
   equal the strided convolution its nnx.Conv parameters describe, with a

@@ -19,6 +19,7 @@ from ito_jax.data import partial, records
     ("loss.ot_plan_contrast_weight", float("inf"), "config.loss.ot_plan_contrast_weight: must be finite"),
     ("ot.start_step", -1, "config.ot.start_step: must be a non-negative integer"),
     ("ot.start_step", True, "config.ot.start_step: must be a non-negative integer"),
+    ("ot.start_step", 300, "config.ot.start_step: 300 is not before total_steps = 300: R_ot would never run"),
     ("partial.unseen_classes", (-1,), "config.partial.unseen_classes: must be non-negative class ids"),
     ("ot.epsilon", 0.0, "config.ot.epsilon: must be a positive number"),
     ("ot.variant", "ring", "config.ot.variant: expected one of"),
@@ -63,6 +64,12 @@ def test_unseen_classes_of_a_converted_source_are_checked_against_its_labels():
   split = partial.split_for(c, Source())
   labels = np.array([40, 3, 3, 7] * 25)
   assert not np.isin(labels[split.aligned], [40]).any()
+
+
+def test_a_start_step_past_the_run_is_fine_without_r_ot():
+  c = ot_partial_tiny_cpu.get_config()
+  c.ot.start_step, c.loss.ot_weight = 300, 0.0  # the contrastive-only run of an ablation
+  common.validate(c)
 
 
 def test_partial_settings_need_partial_mode():

@@ -101,6 +101,9 @@ class Attention(nnx.Module):
       weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
       y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     else:
+      if mask is not None and self.spec.attention == "cudnn":
+        # cuDNN takes the mask as a bias of the full [.., q_len, kv_len] shape.
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
       y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.spec.attention)
     return self.out(y)
 
