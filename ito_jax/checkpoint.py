@@ -98,10 +98,22 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 DATA_LAYOUT_FIELDS = ("data.num_workers", "data.sources", "partial.enabled")
 
 
-def data_layout_changes(saved: dict, current: dict) -> list[str]:
-  """config_differences entries of DATA_LAYOUT_FIELDS: the changes under
-  which the saved data position cannot be restored."""
+# The structure of the data position this code saves. 2: several weighted
+# sources are mixed as iterators (grain.IterDataset.mix); 1 (no field in the
+# checkpoint's meta) mixed them as one MapDataset, whose position does not
+# restore into the newer pipeline.
+DATA_FORMAT = 2
+
+
+def data_layout_changes(saved: dict, current: dict, saved_format: int = DATA_FORMAT) -> list[str]:
+  """config_differences entries of DATA_LAYOUT_FIELDS, and an older data
+  format of a mixed-source pipeline: the changes under which the saved data
+  position cannot be restored."""
+  sources = (current.get("data") or {}).get("sources") or ()
   out = []
+  if saved_format != DATA_FORMAT and len(sources) > 1:
+    out.append(f"data position format {saved_format} (an older ito_jax mixed several sources "
+               f"differently), now {DATA_FORMAT}")
   for field in DATA_LAYOUT_FIELDS:
     a, b = saved, current
     for key in field.split("."):
@@ -153,7 +165,7 @@ class Checkpointer:
     copied and the data position is written, before the files are complete.
     Returns False when `step` is already saved (orbax raises
     StepAlreadyExistsError under force=True, returns False without)."""
-    meta = {"step": int(step), "process_count": jax.process_count(),
+    meta = {"step": int(step), "process_count": jax.process_count(), "data_format": DATA_FORMAT,
             "device_count": jax.device_count(),
             "mesh": dict(mesh.shape) if mesh is not None else None}
     args = ocp.args.Composite(
@@ -196,7 +208,7 @@ class Checkpointer:
     items = {"state": ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
     if data_iter is not None:
-      layout = [] if saved is None else data_layout_changes(saved, current)
+      layout = [] if saved is None else data_layout_changes(saved, current, meta.get("data_format", 1))
       if meta["process_count"] != jax.process_count():
         logging.warning(
             "checkpoint step %d was written by %d processes, this run has %d: the model and "

@@ -222,6 +222,18 @@ def test_resume_with_grain_workers_restarts_the_data_stream_instead_of_crashing(
       it.close()
 
 
+def test_an_older_data_format_of_a_mixed_source_run_restarts_the_stream():
+  """Checkpoints without `data_format` mixed several sources as one MapDataset,
+  whose position grain cannot restore into the iterator mix (KeyError
+  'parents'); a run of one source has the same position either way."""
+  two = {"data": {"sources": [["/a", 1.0], ["/b", 1.0]], "num_workers": 0}, "partial": {"enabled": False}}
+  one = {"data": {"sources": ["/a"], "num_workers": 0}, "partial": {"enabled": False}}
+  (change,) = checkpoint.data_layout_changes(two, two, saved_format=1)
+  assert change.startswith("data position format 1") and change.endswith(f"now {checkpoint.DATA_FORMAT}")
+  assert checkpoint.data_layout_changes(two, two) == []
+  assert checkpoint.data_layout_changes(one, one, saved_format=1) == []
+
+
 def test_a_checkpoint_of_another_model_shape_is_refused_naming_the_field(tiny_reference_run):
   """Restoring onto a model with half the embedding width fails before
   orbax reads anything, naming the arrays and the config field that differ."""

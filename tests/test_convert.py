@@ -331,6 +331,25 @@ def converted(inputs, tmp_path_factory):
   return out, kinds, tok
 
 
+def test_every_batch_mixes_the_sources_with_grain_workers(converted):
+  """With data.num_workers = 2, each batch still holds records of both equally
+  weighted sources (counted by the records read to fill it), as without
+  workers: grain's workers used to split a mixed MapDataset by index, which
+  gave each batch one source."""
+  out, _, tok = converted
+  paths = [str(out / k) for k in ('folder', 'tfds')]
+  config = h.micro_config(sources=((paths[0], 1.0), (paths[1], 1.0)), num_workers=2)
+  it = iter(pipeline.train_dataset(config, tok))
+  try:
+    for _ in range(4):
+      before = dict(it.totals.records)
+      next(it)
+      read = {p: it.totals.records.get(p, 0) - before.get(p, 0) for p in paths}
+      assert all(n >= 2 for n in read.values()), read  # 8 a batch, about 4 from each
+  finally:
+    it.close()
+
+
 def test_mix_follows_weights_and_is_deterministic(converted, monkeypatch):
   out, _, tok = converted
   paths = [str(out / k) for k in ('folder', 'tar', 'tfds')]

@@ -167,9 +167,15 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
     ds = ds.seed(_per_process_seed(config.seed, process_index, k)).shuffle().repeat()
     parts.append(ds.random_map(TrainTransform(config, tokenizer, source.name)))
     weights.append(weight)
-  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  # Mixed as iterators, not as one MapDataset: MapDataset.mix interleaves the
+  # sources in a fixed pattern (1:1 is A, B, A, B, ...), and grain's workers
+  # each take every W-th index of it, so with 2 workers each batch came from
+  # one source. Mixed per iterator, each worker slices every source and mixes
+  # its own slices.
+  iters = [part.to_iter_dataset() for part in parts]
+  ds = iters[0] if len(iters) == 1 else grain.IterDataset.mix(iters, weights)
   limit = (config.data.max_bad_fraction, config.data.bad_check_min_records)
-  ds = bad_records.GoodBatches(ds.to_iter_dataset(), config.batch_size // process_count, *limit)
+  ds = bad_records.GoodBatches(ds, config.batch_size // process_count, *limit)
   if config.data.num_workers > 0:
     # Grain's workers read absl flags; outside an absl app (tests, colab) nobody
     # parsed them, so take their defaults rather than fail in the workers.
