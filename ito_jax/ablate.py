@@ -100,16 +100,14 @@ def finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
   A run of another config there, finished or not (a preempted run's checkpoint
   would be resumed under this config), is an error naming what differs, so
   that a reused workdir never mixes runs of different settings into one table."""
-  if os.path.exists(os.path.join(run_dir, "eval.json")):
-    differ, state = _differences(run_dir, config), "finished earlier"
-  elif os.path.exists(os.path.join(run_dir, "config.json")):
-    differ, state = _differences(run_dir, config), "holds an unfinished (preempted) run"
-  else:
+  done = os.path.exists(os.path.join(run_dir, "eval.json"))
+  if not done and not os.path.exists(os.path.join(run_dir, "config.json")):
     return False
-  if differ:
+  if differ := _differences(run_dir, config):
+    state = "finished earlier" if done else "holds an unfinished (preempted) run"
     raise ValueError(f"{run_dir}: {state} with another config ({', '.join(differ[:5])} "
                      "differ); use another --workdir or delete that run")
-  return state == "finished earlier"
+  return done
 
 
 def _differences(run_dir: str, config: ml_collections.ConfigDict) -> list[str]:

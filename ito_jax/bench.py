@@ -76,7 +76,7 @@ class CompiledStep:
 
   def __init__(self, config: ml_collections.ConfigDict):
     common.validate(config, jax.device_count(), jax.process_count(), jax.default_backend())
-    if "partial" in config and config.partial.enabled and config.ot.start_step > 0:
+    if config.ot.start_step > 0:
       # The state starts at step 0, where R_ot has not started (a lax.cond skips
       # it before ot.start_step); time the step that most of a run takes.
       config = copy.deepcopy(config)

@@ -125,9 +125,7 @@ class Embedder:
       try:
         image.load()
         image, _ = records.to_rgb(records.upright(image))
-      except records.BadRecord as e:
-        raise InputError(f"{name}: not a decodable image ({e})") from e
-      except (OSError, ValueError) as e:
+      except (records.BadRecord, OSError, ValueError) as e:
         raise InputError(f"{name}: not a decodable image ({e})") from e
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3 or min(array.shape[:2]) < 1:
