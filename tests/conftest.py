@@ -72,3 +72,11 @@ def partial_data(tmp_path_factory):
   tok = tokenizer_lib.train_tokenizer(synthetic.train_captions(builder),
                                       os.path.join(data_dir, "tok.model"), 128)
   return data_dir, builder, tok
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_reference_run):
+  """The tiny reference run's export loaded for serving (tests/test_serve*.py)."""
+  from ito_jax import serve
+
+  return serve.load(os.path.join(tiny_reference_run["workdir"], "export"), max_batch=8)

@@ -219,3 +219,31 @@ def ids_read_per_process(monkeypatch, make_dataset, transforms, batches: int, pr
     for instance in instances:
       out[type(instance).__name__][p] |= reads[id(instance)]
   return out
+
+
+def write_convert_inputs(root, num: int):
+  """The converter's inputs under `root` (a pathlib.Path), each holding the
+  same `num` ito_shapes examples: jsonl/ and csv/ folders, tars/ (two
+  webdataset shards, the second with a sample without a caption and one with
+  an undecodable caption), and tfds/ (an ito_shapes build). Returns
+  (examples, the TFDS builder)."""
+  examples = shapes_examples(num)
+  write_folder(str(root / 'jsonl'), examples, 'jsonl')
+  write_folder(str(root / 'csv'), examples, 'csv')
+  os.makedirs(root / 'tars')
+  write_tar(str(root / 'tars' / 'a.tar'), webdataset_members(examples[:7]))
+  write_tar(str(root / 'tars' / 'b.tar'), webdataset_members(examples[7:]) + [
+      ('shard/no_caption.jpg', encode(Image.new('RGB', (8, 8)), 'JPEG')),
+      ('shard/bad_text.jpg', encode(Image.new('RGB', (8, 8)), 'JPEG')),
+      ('shard/bad_text.txt', b'\xff\xfe'),
+  ])
+  shapes = synthetic.prepare(str(root / 'tfds'), num_train=num, num_eval=40)
+  return examples, shapes
+
+
+def records_by_id(path: str) -> dict:
+  """The records of an ArrayRecord output, by id."""
+  from ito_jax.data import sources
+
+  source = sources.ArrayRecordSource(path)
+  return {r.id: r for r in (source[i] for i in range(len(source)))}

@@ -1,6 +1,7 @@
 """The converter: image folders (JSONL and CSV captions), webdataset tars and
 TFDS array_record data sets become ArrayRecord shards of one schema; parallel,
-resumable, with a manifest; then training reads them, mixed by weight."""
+resumable, with a manifest. Training reading them is in
+test_convert_reading.py."""
 
 import io
 import json
@@ -14,35 +15,17 @@ from PIL import Image
 import pytest
 
 import data_helpers as h
-from ito_jax import train
 from ito_jax.data import convert, pipeline, records, sources, synthetic
 from ito_jax.data import tokenizer as tokenizer_lib
-from ito_jax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM = 12  # examples per source
 
 
-def _records(path: str) -> dict:
-  source = sources.ArrayRecordSource(path)
-  return {r.id: r for r in (source[i] for i in range(len(source)))}
-
-
 @pytest.fixture(scope='module')
 def inputs(tmp_path_factory):
   root = tmp_path_factory.mktemp('inputs')
-  examples = h.shapes_examples(NUM)
-  h.write_folder(str(root / 'jsonl'), examples, 'jsonl')
-  h.write_folder(str(root / 'csv'), examples, 'csv')
-  os.makedirs(root / 'tars')
-  h.write_tar(str(root / 'tars' / 'a.tar'), h.webdataset_members(examples[:7]))
-  h.write_tar(str(root / 'tars' / 'b.tar'), h.webdataset_members(examples[7:]) + [
-      ('shard/no_caption.jpg', h.encode(Image.new('RGB', (8, 8)), 'JPEG')),
-      ('shard/bad_text.jpg', h.encode(Image.new('RGB', (8, 8)), 'JPEG')),
-      ('shard/bad_text.txt', b'\xff\xfe'),
-  ])
-  shapes = synthetic.prepare(str(root / 'tfds'), num_train=NUM, num_eval=40)
-  return root, examples, shapes
+  return (root, *h.write_convert_inputs(root, NUM))
 
 
 # ----------------------------------------------------------------- each input kind
@@ -55,7 +38,7 @@ def test_folder(inputs, tmp_path, fmt):
   assert [s['records'] for s in m['shards']] == [5, 5, 2]
   assert m['class_names'] == sorted({synthetic.CLASS_NAMES[e['label']] for e in examples})
   assert m['captions_per_record'] == {'min': 5, 'max': 5} and m['num_labelled'] == NUM
-  got = _records(str(tmp_path / 'out'))
+  got = h.records_by_id(str(tmp_path / 'out'))
   for i, ex in enumerate(examples):
     r = got[ex['id']]
     name = f'{ex["id"]}.{"png" if i % 2 == 0 else "jpg"}'
@@ -77,7 +60,7 @@ def test_tar_from_the_command_line(inputs, tmp_path):
   assert m['bad'] == {'missing_field': 1, 'non_utf8_caption': 1}
   assert m['bad_examples'] == {'missing_field': ['shard/no_caption'],
                                'non_utf8_caption': ['shard/bad_text']}
-  got = _records(str(out))
+  got = h.records_by_id(str(out))
   for i, ex in enumerate(examples):
     r = got[f'shard/{ex["id"]}']
     if i % 2 == 0:  # jpg + txt: one caption, no label
@@ -95,7 +78,7 @@ def test_truncated_tar_keeps_what_came_before(inputs, tmp_path):
   (tmp_path / 'in' / 'cut.tar').write_bytes(whole[:len(whole) // 2])  # mid-member
   m = convert.convert('tar', str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
   assert m['bad'] == {'corrupt_record': 1} and m['bad_examples']['corrupt_record'][0].startswith('cut.tar@')
-  got = _records(str(tmp_path / 'out'))
+  got = h.records_by_id(str(tmp_path / 'out'))
   assert 0 < len(got) < 7 and list(got) == [f'shard/{e["id"]}' for e in examples[:len(got)]]
 
 
@@ -110,7 +93,7 @@ def test_tar_cut_in_the_padding_keeps_the_sample_before(inputs, tmp_path):
   (tmp_path / 'in' / 'cut.tar').write_bytes(
       (root / 'tars' / 'a.tar').read_bytes()[:last.offset_data + last.size + 10])
   m = convert.convert('tar', str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
-  got = _records(str(tmp_path / 'out'))
+  got = h.records_by_id(str(tmp_path / 'out'))
   assert list(got) == [f'shard/{e["id"]}' for e in examples[:4]]
   assert got[f'shard/{examples[3]["id"]}'].label == examples[3]['label']
   # The break is still reported, as one corrupt record after the kept sample.
@@ -123,7 +106,7 @@ def test_tfds(inputs, tmp_path):
   m = convert.convert('tfds', shapes.data_dir, str(tmp_path / 'out'), split='test', progress=False)
   assert m['num_records'] == 40 and m['class_names'] == list(synthetic.CLASS_NAMES)
   assert m['input']['fields'] == {'image': 'image', 'captions': 'captions', 'label': 'label', 'id': 'id'}
-  got = _records(str(tmp_path / 'out'))
+  got = h.records_by_id(str(tmp_path / 'out'))
   for i in (0, 17, 39):
     ex = synthetic.make_example(0, 'test', i)
     r = got[ex['id']]
@@ -170,7 +153,7 @@ def test_labels_without_captions_get_template_captions(tmp_path):
                       convert.Options(caption_template='a photo of a {}.'),
                       class_names=['cat', 'dog', 'emu'], progress=False)
   assert m['bad'] == {} and m['class_names'] == ['cat', 'dog', 'emu']
-  got = _records(str(tmp_path / 'out'))
+  got = h.records_by_id(str(tmp_path / 'out'))
   assert {k: (r.label, r.captions) for k, r in got.items()} == {
       '0.png': (2, [b'a photo of a emu.']), '1.png': (1, [b'a photo of a dog.']),
       '2.png': (0, [b'a photo of a cat.'])}
@@ -202,7 +185,7 @@ def test_negative_labels_mean_none_and_out_of_range_labels_are_bad(tmp_path):
   m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'out'),
                       convert.Options(caption_template='a photo of a {}.'),
                       class_names=['cat', 'dog', 'emu'], progress=False)
-  got = _records(str(tmp_path / 'out'))
+  got = h.records_by_id(str(tmp_path / 'out'))
   assert {k: (r.label, r.captions) for k, r in got.items()} == {
       '0.png': (0, [b'a photo of a cat.']), '1.png': (None, [b'a red circle'])}
   # -1 is no label: without a caption the record has nothing to train on.
@@ -226,7 +209,7 @@ def test_a_later_row_labels_an_image_an_earlier_row_left_unlabelled(tmp_path):
       json.dumps({'image': image, 'caption': f'row {i}', 'label': label}) + '\n'
       for i, (image, label) in enumerate(rows)))
   m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'out'), progress=False)
-  got = _records(str(tmp_path / 'out'))
+  got = h.records_by_id(str(tmp_path / 'out'))
   assert m['class_names'] == ['circle', 'square'] and m['num_labelled'] == 3 and m['bad'] == {}
   assert {k: r.label for k, r in got.items()} == {'a.png': 0, 'b.png': 1, 'c.png': 1}
   assert [c.decode() for c in got['a.png'].captions] == ['row 0', 'row 1']
@@ -242,7 +225,7 @@ def test_captions_that_are_not_strings_are_dropped_and_counted(tmp_path):
       {'image': 'a.png', 'id': 'dict', 'caption': {'text': 'a red circle'}},
       {'image': 'a.png', 'id': 'number', 'caption': 7, 'label': 0}]))
   m = convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'folder'), progress=False)
-  got = _records(str(tmp_path / 'folder'))
+  got = h.records_by_id(str(tmp_path / 'folder'))
   assert {k: r.captions for k, r in got.items()} == {'mixed': [b'a red circle', b'a red disc'],
                                                      'number': None}
   assert m['bad'] == {'missing_field': 1}  # 'dict': no caption left, and no label
@@ -252,7 +235,7 @@ def test_captions_that_are_not_strings_are_dropped_and_counted(tmp_path):
       ('k/0.png', png), ('k/0.json', json.dumps({'captions': [None, 'a red circle', 3.5]}).encode()),
       ('k/1.png', png), ('k/1.json', json.dumps({'caption': 7, 'label': 1}).encode())])
   m = convert.convert('tar', str(tmp_path / 'tars'), str(tmp_path / 'tar'), progress=False)
-  got = _records(str(tmp_path / 'tar'))
+  got = h.records_by_id(str(tmp_path / 'tar'))
   assert {k: r.captions for k, r in got.items()} == {'k/0': [b'a red circle'], 'k/1': []}
   assert m['bad'] == {} and m['repaired'] == {'dropped_non_string_caption': 3}
 
@@ -313,156 +296,3 @@ def test_parallel_resume_and_refusal(inputs, tmp_path):
   with pytest.raises(ValueError, match='other input or options'):
     convert.convert('folder', str(root / 'jsonl'), out, convert.Options(records_per_shard=5),
                     progress=False)
-
-
-# ----------------------------------------------------------------- reading them
-@pytest.fixture(scope='module')
-def converted(inputs, tmp_path_factory):
-  root, examples, shapes = inputs
-  out = tmp_path_factory.mktemp('converted')
-  convert.convert('folder', str(root / 'jsonl'), str(out / 'folder'), progress=False)
-  convert.convert('tar', str(root / 'tars'), str(out / 'tar'), progress=False)
-  convert.convert('tfds', shapes.data_dir, str(out / 'tfds'), split='train', progress=False)
-  convert.convert('tfds', shapes.data_dir, str(out / 'eval'), split='test', progress=False)
-  kinds = h.write_salted_folder(str(out / 'salted_in'), h.shapes_examples(NUM, seed=1))
-  convert.convert('folder', str(out / 'salted_in'), str(out / 'salted'),
-                  convert.Options(validate=False), progress=False)
-  tok = tokenizer_lib.train_tokenizer(synthetic.train_captions(shapes), str(out / 'tok'), 512)
-  return out, kinds, tok
-
-
-def test_every_batch_mixes_the_sources_with_grain_workers(converted):
-  """With data.num_workers = 2, each batch still holds records of both equally
-  weighted sources (counted by the records read to fill it), as without
-  workers: grain's workers used to split a mixed MapDataset by index, which
-  gave each batch one source."""
-  out, _, tok = converted
-  paths = [str(out / k) for k in ('folder', 'tfds')]
-  config = h.micro_config(sources=((paths[0], 1.0), (paths[1], 1.0)), num_workers=2)
-  it = iter(pipeline.train_dataset(config, tok))
-  try:
-    for _ in range(4):
-      before = dict(it.totals.records)
-      next(it)
-      read = {p: it.totals.records.get(p, 0) - before.get(p, 0) for p in paths}
-      assert all(n >= 2 for n in read.values()), read  # 8 a batch, about 4 from each
-  finally:
-    it.close()
-
-
-def test_mix_follows_weights_and_is_deterministic(converted, monkeypatch):
-  out, _, tok = converted
-  paths = [str(out / k) for k in ('folder', 'tar', 'tfds')]
-  config = h.micro_config(sources=((paths[0], 2.0), (paths[1], 1.0), paths[2]))
-  it = iter(pipeline.train_dataset(config, tok))
-  batches = [next(it) for _ in range(4)]  # 32 records, all good
-  assert it.totals.records == {paths[0]: 16, paths[1]: 8, paths[2]: 8}
-  again = iter(pipeline.train_dataset(config, tok))
-  for b in batches:
-    for k, v in next(again).items():
-      np.testing.assert_array_equal(v, b[k])
-  labels = np.concatenate([b['labels'] for b in batches])  # tar records with .txt: no label
-  assert labels.dtype == np.int32 and (labels == -1).any() and (labels >= 0).sum() >= 24
-  # Processes read disjoint halves of every source: 4 rows a batch each, and
-  # no record read by both (read-ahead included).
-  assert next(iter(pipeline.train_dataset(config, tok, process_index=1, process_count=2)))[
-      'images'].shape[0] == 4
-  (read,) = h.ids_read_per_process(
-      monkeypatch, lambda p, n: pipeline.train_dataset(config, tok, process_index=p, process_count=n),
-      [pipeline.TrainTransform], batches=8).values()
-  assert {s for s, _ in read[0]} == {s for s, _ in read[1]} == set(paths)  # every source, both
-  assert not read[0] & read[1], sorted(read[0] & read[1])[:5]
-
-
-def test_eval_arrays_from_a_converted_source(converted):
-  out, _, tok = converted
-  config = h.micro_config(eval_source=str(out / 'eval'))
-  arrays = pipeline.eval_arrays(config, tok, 'ignored')
-  assert arrays['images'].shape == (40, 16, 16, 3) and arrays['tokens'].shape == (40, 5, 16)
-  assert list(arrays['ids']) == sorted(arrays['ids']) and arrays['ids'][0] == 'test_000000'
-  assert arrays['labels'][0] == synthetic.make_example(0, 'test', 0)['label']
-  assert pipeline.class_names(config) == list(synthetic.CLASS_NAMES)
-  # A tar source has 1 or 5 captions per example: the first one of each is used.
-  mixed = pipeline.eval_arrays(h.micro_config(eval_source=str(out / 'tar')), tok, 'ignored')
-  assert mixed['tokens'].shape == (NUM, 1, 16)
-  # What an evaluation set lacks is not evaluated: the tar set has unlabelled
-  # examples (no zero-shot), a labels-only set has no retrieval.
-  from ito_jax.evaluate.evaluator import Evaluator  # pylint: disable=g-import-not-at-top
-  tar_eval = Evaluator(config, mixed, pipeline.class_names(config), tok)
-  assert tar_eval.retrieval and not tar_eval.zeroshot
-  labels_only = dict(arrays, tokens=arrays['tokens'][:, :0])
-  only = Evaluator(config, labels_only, synthetic.CLASS_NAMES, tok)
-  assert only.zeroshot and not only.retrieval
-  with pytest.raises(ValueError, match='neither'):
-    Evaluator(config, labels_only, [], tok)
-
-
-def test_eval_retrieval_uses_the_captioned_examples_and_zero_shot_all(tmp_path):
-  """One labelled example without captions must not switch retrieval off."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from ito_jax.evaluate.evaluator import Evaluator  # pylint: disable=g-import-not-at-top
-  from ito_jax.models import ito  # pylint: disable=g-import-not-at-top
-  ex = h.shapes_examples(8, split='validation')
-  h.write_folder(str(tmp_path / 'clean_in'), ex)
-  h.write_folder(str(tmp_path / 'mixed_in'), ex)
-  with open(tmp_path / 'mixed_in' / 'captions.jsonl', 'a') as f:  # sorts first by id
-    f.write(json.dumps({'image': f'img/{ex[0]["id"]}.png', 'id': 'extra',
-                        'label': synthetic.CLASS_NAMES[ex[0]['label']]}) + '\n')
-  tok = tokenizer_lib.train_tokenizer([c for e in ex for c in e['captions']], str(tmp_path / 'tok'), 128)
-  arrays = {}
-  for name in ('clean', 'mixed'):
-    convert.convert('folder', str(tmp_path / f'{name}_in'), str(tmp_path / name), progress=False)
-    arrays[name] = pipeline.eval_arrays(h.micro_config(eval_source=str(tmp_path / name)), tok, 'x')
-  clean, mixed = arrays['clean'], arrays['mixed']
-  assert mixed['tokens'].shape == (9, 5, 16) and mixed['captioned'].tolist() == [False] + [True] * 8
-  assert (mixed['tokens'][0] == 0).all() and (mixed['labels'] >= 0).all()
-  np.testing.assert_array_equal(mixed['tokens'][1:], clean['tokens'])
-
-  config = h.micro_config(eval_source=str(tmp_path / 'mixed'))
-  names = pipeline.class_names(config)
-  both = Evaluator(config, mixed, names, tok)
-  assert both.zeroshot and both.retrieval and both.retrieval_rows.tolist() == list(range(1, 9))
-  with nnx.use_eager_sharding(False):
-    model = ito.ItoModel(config.model, rngs=nnx.Rngs(0))
-  # Retrieval on the mixed set is retrieval on its captioned examples.
-  got, want = Evaluator(config, mixed, [], tok).run(model), Evaluator(config, clean, [], tok).run(model)
-  assert got.keys() == want.keys() and got
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  assert set(both.run(model)) > set(want)  # and zero-shot on all nine
-
-
-@pytest.mark.slow
-def test_train_from_every_kind_and_a_salted_source(converted, tmp_path):
-  """The trainer on all three converted kinds plus the salted folder, mixed;
-  held-out evaluation on a converted labels-only set: it trains, and
-  metrics.jsonl counts every bad kind."""
-  out, kinds, _ = converted
-  # Held out: a labels-only set (zero-shot, no retrieval), like imagenet2012.
-  examples = h.shapes_examples(30, split='test')
-  os.makedirs(tmp_path / 'labels_only')
-  rows = []
-  for ex in examples:
-    (tmp_path / 'labels_only' / f'{ex["id"]}.png').write_bytes(ex['image'])
-    rows.append(json.dumps({'image': f'{ex["id"]}.png', 'label': ex['label']}) + '\n')
-  (tmp_path / 'labels_only' / 'captions.jsonl').write_text(''.join(rows))
-  convert.convert('folder', str(tmp_path / 'labels_only'), str(tmp_path / 'eval'),
-                  class_names=list(synthetic.CLASS_NAMES), progress=False)
-  config = h.micro_config(
-      sources=(str(out / 'folder'), str(out / 'tar'), str(out / 'tfds'), str(out / 'salted')),
-      eval_source=str(tmp_path / 'eval'), max_bad_fraction=0.5, bad_check_min_records=10)
-  config.total_steps = 16
-  config.log_every_steps = 8
-  config.eval_every_steps = 16
-  workdir = str(tmp_path / 'work')
-  result = train.train_and_evaluate(config, workdir)
-  assert not os.path.exists(os.path.join(workdir, 'data'))  # ito_shapes never built
-  logged = [r for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'loss' in r]
-  assert [r['step'] for r in logged] == [8, 16] and all(np.isfinite(r['loss']) for r in logged)
-  last = logged[-1]
-  for kind in set(kinds.values()) - {'good'}:
-    assert last[f'data/bad/{kind}'] >= 1, kind
-  assert last['data/records_read'] - last['data/bad/total'] == 16 * 8
-  assert 0 <= result['zeroshot/accuracy'] <= 1 and result['zeroshot/chance'] == 1 / 30
-  assert not any(k.startswith('retrieval/') for k in result)  # no captions, no retrieval
-
