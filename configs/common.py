@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   # FLIP's unmasked tuning: the last this many training steps encode every
   # patch, through a second compiled step. 0: patch dropout to the end.
   m.image.unmasked_final_steps = 0
+  # How evaluation and serving fit an image to image_size x image_size:
+  # "squash" resizes the whole frame, stretching non-square images (big_vision);
+  # "center_crop" resizes the largest centred square, keeping the aspect
+  # (open_clip). Exports carry it, so serving preprocesses as evaluation did.
+  m.image.eval_resize = "squash"
   m.text = ml_collections.ConfigDict()
   m.text.variant = ""  # informational name, e.g. "B"; set sizes with text().
   # Embedding rows, and the most pieces the sentencepiece tokenizer is trained

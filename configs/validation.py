@@ -9,6 +9,7 @@ import math
 import ml_collections
 
 from ito_jax import sharding
+from ito_jax.data.augment import EVAL_RESIZE_MODES
 from ito_jax.losses.sharded import SIGMOID_VARIANTS
 from ito_jax.models import vit as vit_lib
 
@@ -136,6 +137,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
           f"must be an integer in [0, total_steps = {c.total_steps}], got {final!r}")
   require(final == 0 or rate > 0, "model.image.unmasked_final_steps",
           f"is {final} but model.image.patch_dropout is 0, so no step drops patches")
+  require(m.image.eval_resize in EVAL_RESIZE_MODES, "model.image.eval_resize",
+          f"expected one of {'|'.join(EVAL_RESIZE_MODES)}, got {m.image.eval_resize!r}")
   require(m.image.stem in vit_lib.STEMS, "model.image.stem",
           f"expected one of {'|'.join(vit_lib.STEMS)}, got {m.image.stem!r}")
   if m.image.stem == "conv":

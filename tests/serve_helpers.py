@@ -28,8 +28,9 @@ def png_bytes_of(image: Image.Image) -> bytes:
   return buf.getvalue()
 
 
-def preprocessing_only(image_size=20):
+def preprocessing_only(image_size=20, eval_resize='squash'):
   """An Embedder without a model: enough for its preprocessing."""
   bare = serve.Embedder.__new__(serve.Embedder)
   bare.image_size = image_size
+  bare.eval_resize = eval_resize
   return bare

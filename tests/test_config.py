@@ -22,6 +22,7 @@ def tiny():
     ("model.image.patch_size", 5, "config.model.image.patch_size: 5 does not divide image_size 32"),
     ("model.image.depth", 0, "config.model.image.depth: must be a positive integer"),
     ("model.dtype", "float8", "config.model.dtype"),
+    ("model.image.eval_resize", "crop", "config.model.image.eval_resize: expected one of squash|center_crop"),
     ("loss.num_image_views", 0, "config.loss.num_image_views"),
     ("loss.itm_weight", 1.0, "config.loss.itm_weight: is non-zero but model.fusion.enabled is False"),
     ("optim.learning_rate", -1.0, "config.optim.learning_rate"),

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 
 import data_helpers as h
@@ -170,3 +171,25 @@ def test_train_from_every_kind_and_a_salted_source(converted, tmp_path):
   assert not any(k.startswith('retrieval/') for k in result)  # no captions, no retrieval
 
 
+
+def test_eval_resize_squashes_or_centre_crops_a_wide_image(tmp_path):
+  """model.image.eval_resize decides how evaluation fits a non-square image:
+  a 2:1 image with a red centre square and blue sides is squashed (blue at
+  the left and right edges) or centre-cropped (red throughout)."""
+  wide = np.zeros((32, 64, 3), np.uint8)
+  wide[:, :, 2] = 255
+  wide[:, 16:48] = (255, 0, 0)
+  examples = [dict(ex, image=h.encode(Image.fromarray(wide), 'PNG')) for ex in h.shapes_examples(1)]
+  h.write_folder(str(tmp_path / 'in'), examples)  # the first image is written as PNG, lossless
+  convert.convert('folder', str(tmp_path / 'in'), str(tmp_path / 'wide'), progress=False)
+  tok = tokenizer_lib.train_tokenizer(examples[0]['captions'] * 3, str(tmp_path / 'tok'), 64)
+  images = {}
+  for mode in ('squash', 'center_crop'):
+    config = h.micro_config(eval_source=str(tmp_path / 'wide'))
+    config.model.image.eval_resize = mode
+    images[mode] = pipeline.eval_arrays(config, tok, 'ignored')['images'][0]  # [16, 16, 3] in [-1, 1]
+  blue, red = np.array([-1.0, -1.0, 1.0]), np.array([1.0, -1.0, -1.0])
+  squashed = images['squash']
+  np.testing.assert_allclose(squashed[:, [0, -1]], np.broadcast_to(blue, (16, 2, 3)), atol=1e-6)
+  np.testing.assert_allclose(squashed[:, 6:10], np.broadcast_to(red, (16, 4, 3)), atol=1e-6)
+  np.testing.assert_allclose(images['center_crop'], np.broadcast_to(red, (16, 16, 3)), atol=1e-6)

@@ -356,3 +356,24 @@ def test_served_texts_are_whitespace_normalised_as_training_captions_were(micro_
   embedder = serve.load(micro_export)
   np.testing.assert_array_equal(embedder.tokenize(["a red\x85circle\x1c left ", "a\tred  circle\n"]),
                                 embedder.tokenize(["a red circle left", "a red circle"]))
+
+
+def test_serving_fits_images_as_the_exported_config_says(micro_export, tmp_path):
+  """model.image.eval_resize travels in the export: a wide image is squashed
+  by default and centre-cropped when the model config says 'center_crop', as
+  evaluation did. Exports written before the field existed squash."""
+  size = serve.load(micro_export).image_size
+  wide = np.random.default_rng(0).integers(0, 256, (size, 2 * size, 3), dtype=np.uint8)
+  centre = wide[:, size // 2: size // 2 + size]
+  squashing = serve.load(micro_export)
+  assert squashing.eval_resize == "squash"
+  assert np.abs(squashing.preprocess_image(wide) - squashing.preprocess_image(centre)).max() > 0.5
+  export_dir = str(tmp_path / "crop")
+  shutil.copytree(micro_export, export_dir)
+  _edit_json(export_dir, export.CONFIG, lambda c: c["image"].update(eval_resize="center_crop"))
+  cropping = serve.load(export_dir)
+  np.testing.assert_array_equal(cropping.preprocess_image(wide), cropping.preprocess_image(centre))
+  older = str(tmp_path / "older")
+  shutil.copytree(micro_export, older)
+  _edit_json(older, export.CONFIG, lambda c: c["image"].pop("eval_resize"))
+  assert serve.load(older).eval_resize == "squash"

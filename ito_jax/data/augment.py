@@ -59,11 +59,26 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
   return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Deterministic evaluation view: the whole frame resized to [size, size, 3]."""
+EVAL_RESIZE_MODES = ('squash', 'center_crop')
+
+
+def resize(image: np.ndarray, size: int, mode: str = 'squash') -> np.ndarray:
+  """Deterministic evaluation view [size, size, 3] of `image` [H, W, 3] uint8.
+
+  'squash' resizes the whole frame, stretching a non-square one (big_vision's
+  `resize`); 'center_crop' takes the largest centred square and resizes that
+  (open_clip's eval transform), keeping the aspect and losing the edges of
+  the longer side."""
+  if mode not in EVAL_RESIZE_MODES:
+    raise ValueError(f'unknown resize mode {mode!r}; expected one of {EVAL_RESIZE_MODES}')
+  h, w = image.shape[:2]
+  if mode == 'center_crop' and h != w:
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    image = image[y0:y0 + side, x0:x0 + side]  # cut first: no pixel outside the square is read
   if image.shape[0] == image.shape[1] == size:
     return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+  return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.BILINEAR))
 
 
 def jitter_brightness_contrast(image: np.ndarray, rng: np.random.Generator,

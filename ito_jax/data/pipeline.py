@@ -227,7 +227,7 @@ def eval_arrays(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: 
                                  min(config.data.bad_check_min_records, len(source)))
   examples.sort(key=lambda e: e.id)
   size, length = config.model.image.image_size, config.model.text.context_length
-  images = np.stack([augment.to_unit_range(augment.resize(e.image, size))
+  images = np.stack([augment.to_unit_range(augment.resize(e.image, size, config.model.image.eval_resize))
                      for e in examples])  # [E, H, W, 3]
   captioned = np.array([len(e.captions) > 0 for e in examples])  # [E]
   counts = [len(e.captions) for e in examples if e.captions]

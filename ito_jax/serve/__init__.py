@@ -91,6 +91,7 @@ class Embedder:
     self.manifest = exported.manifest
     self.max_batch = max_batch
     self.image_size = self.model_config.image.image_size
+    self.eval_resize = self.model_config.image.eval_resize
     self.context_length = self.model_config.text.context_length
     self.embed_dim = self.model_config.embed_dim
     graphdef, state = nnx.split(exported.model)
@@ -131,7 +132,7 @@ class Embedder:
     if array.ndim != 3 or array.shape[-1] != 3 or min(array.shape[:2]) < 1:
       raise InputError(f"{name}: expected an RGB image [H, W, 3], got shape {array.shape}")
     if array.dtype == np.uint8:
-      return augment.to_unit_range(augment.resize(array, self.image_size))
+      return augment.to_unit_range(augment.resize(array, self.image_size, self.eval_resize))
     if np.issubdtype(array.dtype, np.floating):
       s = self.image_size
       if array.shape != (s, s, 3):
