@@ -254,6 +254,34 @@ def test_throughput_leaves_evaluation_time_out():
   assert speed.steps == 0
 
 
+@pytest.mark.slow
+def test_throughput_leaves_compilation_out(tmp_path, monkeypatch):
+  """Tracing a step here sleeps 3 s (as a slow compile would take), once for
+  the patch-dropout step at step 1 and once for the unmasked step at step 4.
+  Both happen off the throughput clock: each 3-step line reads over 1 step/s,
+  where a window holding either compile reads under 3 steps / 3 s."""
+  import time
+  import data_helpers
+  from ito_jax import accumulation
+  real = accumulation.value_and_grad
+  traces = []
+
+  def slow_to_trace(*args, **kwargs):
+    traces.append(1)
+    time.sleep(3.0)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(accumulation, "value_and_grad", slow_to_trace)
+  c = data_helpers.micro_config(num_train=64, num_eval=16)
+  c.update(total_steps=6, log_every_steps=3, eval_every_steps=6, checkpoint_every_steps=1000)
+  c.model.image.update(patch_dropout=0.5, unmasked_final_steps=3)
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert len(traces) == 2  # one trace (and compile) per step function
+  lines = [r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+  assert [r["step"] for r in lines] == [3, 6]
+  assert all(r["steps_per_sec"] > 1.0 for r in lines), [r["steps_per_sec"] for r in lines]
+
+
 def test_a_workdir_tokenizer_larger_than_the_vocab_is_refused(tmp_path):
   """Ids past the embedding table would embed as NaN and the run would stop
   blaming the learning rate; the reused tokenizer is checked instead."""
