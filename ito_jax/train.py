@@ -380,9 +380,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not eval_metrics:  # no evaluation ran in this process (0 steps, or resumed at the end)
     eval_metrics = evaluator.run(model)
   eval_metrics = {"step": config.total_steps, **eval_metrics}
-  held_out = (embeddings.compute(model, evaluator.data, config.eval.batch_size,  # for plots
-                                 limit=config.eval.embeddings_limit)
-              if evaluator.retrieval else None)  # image-caption pairs; a labels-only set has none
+  # For plots: a sample of the final evaluation's embeddings (of this model:
+  # the last evaluation ran at total_steps), image-caption pairs, so a
+  # labels-only set has none.
+  held_out = (embeddings.held_out(evaluator.last_embeddings, evaluator.data,
+                                  evaluator.retrieval_rows, config.eval.embeddings_limit)
+              if evaluator.retrieval else None)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "eval.json").write_text(json.dumps(eval_metrics, indent=2, sort_keys=True))
     if held_out is not None:

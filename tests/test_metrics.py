@@ -116,34 +116,34 @@ def test_gs_workdir_metrics_tensorboard_and_embeddings(fake_gcs):
   assert "/bucket/runs/a/metrics.jsonl" in fake_gcs
 
 
-def test_embeddings_limit_zero_keeps_the_whole_split():
-  """eval.embeddings_limit: the first `limit` held-out pairs, or all with 0."""
+def test_embeddings_sample_the_evaluation_without_embedding_again(tmp_path):
+  """embeddings.npz is cut from the final evaluation's embeddings: the first
+  eval.embeddings_limit captioned pairs (0: all), equal to embedding those
+  images and their first captions directly."""
   from flax import nnx
+  from ito_jax.data import tokenizer as tokenizer_lib
+  from ito_jax.evaluate.evaluator import Evaluator, _embed_images, _embed_texts
   from ito_jax.models.ito import ItoModel
   config = tiny_cpu.get_config("runlocal")
   with nnx.use_eager_sharding(False):
     model = ItoModel(config.model, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   n, length = 7, config.model.text.context_length
+  # Examples without a caption (eval_arrays' "captioned" False) have no pair: left out.
   data = {"images": rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32),
           "tokens": rng.integers(3, 50, (n, 2, length)).astype(np.int32),
-          "labels": np.arange(n, dtype=np.int32)}
-  every = embeddings.compute(model, data, batch_size=4, limit=0)
-  first = embeddings.compute(model, data, batch_size=4, limit=3)
-  assert every["image"].shape == every["text"].shape == (n, config.model.embed_dim)
-  np.testing.assert_array_equal(every["labels"], data["labels"])
-  assert first["image"].shape == (3, config.model.embed_dim)
-  np.testing.assert_allclose(first["image"], every["image"][:3], atol=1e-6)
-  np.testing.assert_allclose(first["text"], every["text"][:3], atol=1e-6)
-  # Examples without a caption (eval_arrays' "captioned" False) have no pair: left out.
-  captioned = np.array([True, False, True, True, False, True, True])
-  pairs = embeddings.compute(model, {**data, "captioned": captioned}, batch_size=4, limit=3)
-  np.testing.assert_array_equal(pairs["labels"], [0, 2, 3])
-  np.testing.assert_allclose(pairs["image"], every["image"][[0, 2, 3]], atol=1e-6)
-  # ...and the text rows are the first captions of those same kept images.
-  from ito_jax.evaluate.evaluator import _embed_texts
-  want = np.asarray(_embed_texts(model, data["tokens"][[0, 2, 3], 0]))
-  np.testing.assert_allclose(pairs["text"], want, atol=1e-6)
+          "labels": np.arange(n, dtype=np.int32),
+          "captioned": np.array([True, False, True, True, False, True, True])}
+  tok = tokenizer_lib.train_tokenizer([f"a red circle number {i}" for i in range(30)],
+                                      str(tmp_path / "tok.model"), 64)
+  evaluator = Evaluator(config, data, [], tok)  # retrieval only: no class prompts
+  evaluator.run(model)
+  kept = [0, 2, 3, 5, 6]
+  for limit, rows in ((0, kept), (3, kept[:3])):
+    got = embeddings.held_out(evaluator.last_embeddings, data, evaluator.retrieval_rows, limit)
+    np.testing.assert_array_equal(got["labels"], rows)
+    np.testing.assert_allclose(got["image"], _embed_images(model, data["images"][rows]), atol=1e-6)
+    np.testing.assert_allclose(got["text"], _embed_texts(model, data["tokens"][rows, 0]), atol=1e-6)
 
 
 def test_embeddings_load_names_what_is_wrong(tmp_path):

@@ -15,24 +15,21 @@ import io
 import numpy as np
 from etils import epath
 
-from ito_jax.evaluate.evaluator import _embed_images, _embed_texts, embed_in_batches
-
 KEYS = ("image", "text", "labels")
 
 
-def compute(model, eval_data: dict, batch_size: int, limit: int) -> dict[str, np.ndarray]:
-  """Embeds the first `limit` captioned eval images and their first captions
-  (0: all of them); examples without a caption have no pair and are left out.
+def held_out(emb: dict, eval_data: dict, rows: np.ndarray, limit: int) -> dict[str, np.ndarray]:
+  """The arrays of embeddings.npz, taken from an evaluation's embeddings
+  instead of embedding the split again: the first `limit` captioned eval
+  examples (0: all of them), each image with its first caption.
 
-  eval_data: `pipeline.eval_arrays` output (images [E, H, W, 3], tokens [E, C, L],
-  labels [E], optionally captioned [E])."""
-  rows = np.flatnonzero(eval_data.get("captioned", np.ones(len(eval_data["images"]), bool)))
+  emb: `Evaluator.embed` output (image [E, D] for every example, caption
+  [R, C, D] for the captioned rows `rows` [R] of eval_data); eval_data:
+  `pipeline.eval_arrays` output."""
   rows = rows if limit == 0 else rows[:limit]  # [n]
-  return {
-      "image": embed_in_batches(_embed_images, model, eval_data["images"][rows], batch_size),
-      "text": embed_in_batches(_embed_texts, model, eval_data["tokens"][rows, 0], batch_size),
-      "labels": np.asarray(eval_data["labels"][rows], np.int32),
-  }
+  n = len(rows)
+  return {"image": emb["image"][rows], "text": emb["caption"][:n, 0],
+          "labels": np.asarray(eval_data["labels"][rows], np.int32)}
 
 
 def save(path, arrays: dict[str, np.ndarray]) -> None:

@@ -61,6 +61,7 @@ class Evaluator:
     prompts = [t.format(n) for n in names for t in config.eval.templates]
     self.prompt_tokens = tokenizer.encode_batch(prompts, config.model.text.context_length)
     self.num_classes, self.num_templates = len(names), len(config.eval.templates)
+    self.last_embeddings: dict | None = None
 
   def embed(self, model) -> dict:
     bs = self.config.eval.batch_size
@@ -78,7 +79,7 @@ class Evaluator:
     return out
 
   def run(self, model) -> dict:
-    emb = self.embed(model)
+    emb = self.last_embeddings = self.embed(model)  # kept: the run's end saves a sample of them
     metrics = {}
     if self.zeroshot:
       metrics.update(zeroshot.accuracy(emb["image"], zeroshot.class_embeddings(emb["prompt"]),
