@@ -56,6 +56,24 @@ def variant_config(full: ml_collections.ConfigDict, variant: str) -> ml_collecti
   return c
 
 
+def check_variants_differ(full: ml_collections.ConfigDict, variants) -> None:
+  """Raises ValueError when two of `variants` would train the same config:
+  the given config lacks a mechanism they tell apart, so their rows would
+  compare a run with itself."""
+  seen = {}
+  for v in variants:
+    key = variant_config(full, v).to_json_best_effort(sort_keys=True)
+    if key in seen:
+      raise ValueError(
+          f"variants {seen[key]!r} and {v!r} train the same config: the given config has "
+          f"multiple alignment {'on' if full.loss.num_image_views * full.loss.num_text_views > 1 else 'off'} "
+          f"(loss.num_image_views x loss.num_text_views = {full.loss.num_image_views} x "
+          f"{full.loss.num_text_views}) and the fusion head {'on' if full.model.fusion.enabled else 'off'} "
+          f"(model.fusion.enabled); the ablation switches these off, so pass the full-ITO config "
+          f"(e.g. configs/ito_tiny_cpu.py)")
+    seen[key] = v
+
+
 class Preempted(Exception):
   """A run stopped at a preemption signal with its checkpoint saved. The
   comparison stops there and writes no tables: rerunning the same command
@@ -176,6 +194,7 @@ def run_ablation(full: ml_collections.ConfigDict, workdir: str, variants, seeds)
   if not full.data.data_dir:  # one data set for all variants: generated once under DIR/data
     full.data.data_dir = os.path.join(workdir, "data")
   seeds = list(seeds or [full.seed])
+  check_variants_differ(full, variants)
   results, first_runs = {}, {}
   for v in variants:
     per_seed = {}

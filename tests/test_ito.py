@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -124,6 +125,24 @@ def test_ablation_variants_switch_the_right_mechanisms(config):
   for v, c in got.items():
     assert (c.total_steps, c.seed, c.data.num_train) == (config.total_steps, config.seed, config.data.num_train)
     common.validate(c)  # every variant is a runnable config
+
+
+def test_an_ablation_of_a_config_without_ito_is_refused_before_training(config, tmp_path, monkeypatch):
+  """tiny_cpu has one view and no fusion head, so every variant of it is the
+  same run; the ablation says so instead of training four copies. With the
+  fusion head alone on, baseline = multi_align and fusion = ito."""
+  from configs import tiny_cpu
+  from ito_jax import ablate, train
+  monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("trained a run"))
+  with pytest.raises(ValueError, match=r"variants 'baseline' and 'multi_align' train the same "
+                                       r"config: .*multiple alignment off .*1 x 1.* fusion head off"):
+    ablate.run_ablation(tiny_cpu.get_config("runlocal"), str(tmp_path), VARIANTS, [])
+  one_view = ml_collections.ConfigDict(config.to_dict())
+  one_view.loss.update(num_image_views=1, num_text_views=1)
+  with pytest.raises(ValueError, match=r"'baseline' and 'multi_align' .* fusion head on"):
+    ablate.check_variants_differ(one_view, VARIANTS)
+  ablate.check_variants_differ(one_view, ["baseline", "fusion"])  # these two still differ
+  ablate.check_variants_differ(config, VARIANTS)  # the full-ITO config: four different runs
 
 
 def test_finished_refuses_a_run_of_another_config(tmp_path):
