@@ -209,7 +209,9 @@ def base_config() -> ml_collections.ConfigDict:
   # these instead of `dataset`, mixed by weight. Entries: "DIR" (weight 1) or
   # ("DIR", weight), e.g. (("/data/cc3m", 3.0), ("/data/coco", 1.0)).
   d.sources = ()
-  d.eval_source = ""  # converted DIR for held-out evaluation; "" means `dataset`'s eval.split.
+  # Converted DIR for held-out evaluation; "" means `dataset`'s eval.split, which
+  # is refused when `sources` is set (figures on the synthetic set, not yours).
+  d.eval_source = ""
   # Bad records (corrupt/truncated/non-image/huge images, empty/non-UTF-8/overlong
   # captions, missing fields) are skipped and counted (metrics data/bad/<kind>);
   # more than this fraction of a source's records being bad is an error naming it.

@@ -195,6 +195,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
     require(ok and bool(entry if isinstance(entry, str) else entry[0]), f"data.sources[{i}]",
             f"expected 'DIR' or ('DIR', weight > 0), got {entry!r}")
   require(isinstance(d.eval_source, str), "data.eval_source", f"must be a path string, got {d.eval_source!r}")
+  require(d.eval_source or not d.sources, "data.eval_source",
+          "is empty while data.sources is set, so held-out evaluation would run on the synthetic "
+          f"{d.dataset} set, not on your data; convert a held-out part of it "
+          "(python -m ito_jax.data.convert) and set data.eval_source to that directory")
   require(0 <= d.max_bad_fraction < 1, "data.max_bad_fraction",
           f"must be in [0, 1) (a source of only bad records can never fill a batch), got {d.max_bad_fraction}")
   for field in ("bad_check_min_records", "max_image_pixels", "max_caption_chars"):

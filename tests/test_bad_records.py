@@ -238,6 +238,11 @@ def test_config_checks_name_the_data_field():
     with pytest.raises(common.ConfigError, match=match):
       common.validate(config)
   config = h.micro_config(sources=('/a', ('/b', 2)))
+  with pytest.raises(common.ConfigError, match=r"config\.data\.eval_source: is empty while "
+                     r"data\.sources is set, so held-out evaluation would run on the synthetic "
+                     r"ito_shapes set"):
+    common.validate(config)
+  config.data.eval_source = '/held_out'
   common.validate(config)
   assert pipeline.configured_sources(config) == [('/a', 1.0), ('/b', 2.0)]
   config = h.micro_config(sources=('/nowhere',))

@@ -44,6 +44,7 @@ def test_unseen_classes_of_a_converted_source_are_checked_against_its_labels():
   split checks them against the source's own labels instead."""
   c = ot_partial_tiny_cpu.get_config()
   c.data.sources = ("/converted/dir",)
+  c.data.eval_source = "/converted/held_out"
   c.partial.unseen_classes = (40, 75)
   common.validate(c)  # no ito_shapes bound
 
