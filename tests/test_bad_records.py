@@ -83,6 +83,19 @@ def test_exif_orientation_is_applied(fmt):
   assert pixels.shape == (40, 60, 3)
 
 
+def test_an_exif_block_pillow_cannot_parse_is_a_bad_record():
+  """EXIF bytes that make Pillow's parser raise (here SyntaxError, 'not a TIFF
+  file': a fuzzed byte order mark) leave the orientation unknown: the record
+  is counted as corrupt_image, not an uncaught parser error."""
+  import io
+  from PIL import Image
+  broken = bytes.fromhex('4578696600004d4dd72a000000080002010f00020000000443616d00011200f8000000019b06840000000000')
+  buf = io.BytesIO()
+  Image.new('RGB', (8, 8)).save(buf, format='PNG', exif=broken)
+  with pytest.raises(records.BadRecord, match='corrupt_image: PNG EXIF: SyntaxError: not a TIFF file'):
+    records.decode_image(buf.getvalue(), LIMITS.max_image_pixels)
+
+
 def test_caption_checks():
   png = h.encode(h.Image.new('RGB', (4, 4)), 'PNG')
   parse = lambda captions: records.parse(records.RawRecord('x', png, captions), LIMITS)
