@@ -5,6 +5,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/bench_s.py")
   c = common.base_config()
   c.model.image.update(variant="S-6/16", image_size=128, patch_size=16, width=384, depth=6, num_heads=6)
   c.model.text.update(variant="bench", vocab_size=8192, context_length=32, width=256, depth=4, num_heads=4)

@@ -8,6 +8,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/clip_vit_b16.py")
   c = common.base_config()
   common.vit(c, "B/16")
   common.text(c, "B")

@@ -3,7 +3,8 @@ before anything compiles are in configs/validation.py, re-exported here as
 `validate` and `ConfigError`.
 
 An experiment file defines `get_config(arg=None)` that starts from
-`base_config()` and overrides fields. Configs are locked: a misspelt
+`base_config()` and overrides fields, after `check_arg` refuses an `arg`
+(`--config=FILE:ARG`) that it does not read. Configs are locked: a misspelt
 `--config.FIELD=VALUE` override fails in ml_collections with the field's name.
 """
 
@@ -251,6 +252,21 @@ def base_config() -> ml_collections.ConfigDict:
   e.embeddings_limit = 512
   c.lock()  # unknown fields (typos in files or overrides) raise, naming the field
   return c
+
+
+def check_arg(arg: str | None, config_file: str, accepted: tuple[str, ...] = ()) -> None:
+  """Refuses an `ARG` in `--config=FILE:ARG` that `config_file` does not read.
+
+  ml_collections hands whatever follows the colon to `get_config`, so without
+  this check a misspelt `:runlocal` would silently train the full run.
+  """
+  if arg is None or arg == "" or arg in accepted:
+    return
+  if accepted:
+    expected = "expected one of " + ", ".join(repr(a) for a in accepted) + ", or no ':ARG'"
+  else:
+    expected = "this config takes no ':ARG'; drop it"
+  raise ConfigError(f"--config={config_file}:{arg}: unknown config argument {arg!r}; {expected}")
 
 
 def vit(c: ml_collections.ConfigDict, variant: str) -> None:

@@ -6,10 +6,11 @@ trains this and its three ablations (baseline, multiple alignment only,
 fusion only) with the same seed, data and steps.
 """
 
-from configs import tiny_cpu
+from configs import common, tiny_cpu
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/ito_tiny_cpu.py", accepted=("runlocal",))
   c = tiny_cpu.get_config(arg)
   c.model.fusion.update(enabled=True, width=128, depth=1, num_heads=4, mlp_ratio=2.0)
   c.loss.num_image_views = 2

@@ -10,7 +10,7 @@ aligned pairs, the rest as unaligned image and text pools, six classes unseen
 `ot_partial_tiny_cpu.py:runlocal` is a seconds-long smoke run.
 """
 
-from configs import tiny_cpu
+from configs import common, tiny_cpu
 
 # One class per colour, and each shape at most twice, so every unseen class is
 # a new combination of a colour and a shape that the aligned pairs do show.
@@ -19,6 +19,7 @@ UNSEEN_CLASSES = (0, 6, 12, 18, 24, 25)  # red circle, green square, blue triang
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/ot_partial_tiny_cpu.py", accepted=("runlocal",))
   c = tiny_cpu.get_config()
   # 4-pixel patches (64 tokens at 32 px): with the demo's 8-pixel patches the
   # image tower tells colours apart but hardly shapes, and a class is colour x

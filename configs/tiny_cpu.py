@@ -5,6 +5,7 @@ from configs import common
 
 
 def get_config(arg=None):
+  common.check_arg(arg, "configs/tiny_cpu.py", accepted=("runlocal",))
   c = common.base_config()
   c.total_steps = 1500
   c.log_every_steps = 50

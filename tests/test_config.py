@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from configs import bench_s, clip_vit_b16, common, siglip_vit_b16, tiny_cpu
+from configs import (bench_s, clip_vit_b16, common, ito_tiny_cpu, ito_vit_b16, ot_partial_tiny_cpu,
+                     siglip_vit_b16, tiny_cpu)
 from ito_jax import train
 
 
@@ -91,6 +92,22 @@ def test_shipped_configs_are_valid(module):
   config = module.get_config()
   common.validate(config, num_devices=1)
   assert config.is_locked
+
+
+ALL_CONFIGS = [tiny_cpu, ito_tiny_cpu, ot_partial_tiny_cpu, clip_vit_b16, ito_vit_b16, siglip_vit_b16, bench_s]
+
+
+@pytest.mark.parametrize("module", ALL_CONFIGS, ids=lambda m: m.__name__.split(".")[-1])
+def test_unknown_config_arg_is_refused(module):
+  """`--config=FILE:ARG` with an ARG the file does not read fails, naming the
+  file and what it accepts, instead of silently training the full run."""
+  name = module.__name__.split(".")[-1]
+  accepted = "'runlocal'" if "tiny_cpu" in name else "takes no ':ARG'"
+  with pytest.raises(ValueError, match=rf"configs/{name}\.py:runlocl: unknown config argument .*{accepted}"):
+    module.get_config("runlocl")
+  module.get_config()  # no ARG is always fine
+  if "tiny_cpu" in name:
+    assert module.get_config("runlocal").total_steps < module.get_config().total_steps
 
 
 def test_named_sizes():
