@@ -191,6 +191,11 @@ def run_ablation(full: ml_collections.ConfigDict, workdir: str, variants, seeds)
   before any table is written; the same call resumes it."""
   from ito_jax import train  # jax and the data stack load only when running
 
+  # Every name is checked before the first variant trains: a typo at the end
+  # of the list must not cost the runs before it.
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or not variants:
+    raise ValueError(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
   if not full.data.data_dir:  # one data set for all variants: generated once under DIR/data
     full.data.data_dir = os.path.join(workdir, "data")
   seeds = list(seeds or [full.seed])

@@ -196,6 +196,16 @@ def test_ablation_over_seeds_reports_mean_and_spread():
   assert single == per_seed[0] and "±" not in markdown_table({"ito": single})
 
 
+def test_an_unknown_variant_is_refused_before_any_training(config, tmp_path, monkeypatch):
+  """--variants=baseline,itoo fails naming 'itoo' before baseline trains."""
+  from ito_jax import ablate, train
+  trained = []
+  monkeypatch.setattr(train, "train_and_evaluate", lambda config, run_dir: trained.append(run_dir))
+  with pytest.raises(ValueError, match=r"--variants: unknown \['itoo'\]; expected some of"):
+    ablate.run_ablation(config, str(tmp_path), ["baseline", "itoo"], [])
+  assert trained == [] and not list(tmp_path.iterdir())
+
+
 def test_a_preempted_ablation_run_stops_before_any_table(config, tmp_path, monkeypatch):
   """A run that a preemption signal stopped (train_and_evaluate returns
   {"preempted": True}, its checkpoint saved) ends the ablation there: no next
