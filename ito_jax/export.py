@@ -21,6 +21,7 @@ differs from the manifest's raises ExportError naming the file and the
 parameter; no half-loaded model is ever returned.
 
   python -m ito_jax.main export --workdir=DIR   # from DIR's latest checkpoint
+  python -m ito_jax.export --workdir=DIR        # the same
 """
 
 from __future__ import annotations
@@ -350,3 +351,16 @@ def load(export_dir: str) -> Export:
   nnx.replace_by_pure_dict(state, unflatten_like(
       abstract_params, {k: jnp.asarray(v) for k, v in params.items()}))
   return Export(nnx.merge(graphdef, state), model_config, tokenizer, manifest)
+
+
+if __name__ == "__main__":
+  # `python -m ito_jax.export --workdir=DIR` is `python -m ito_jax.main export
+  # --workdir=DIR`: the same flags, the same checks, the same message.
+  import sys
+
+  from absl import app
+
+  from ito_jax import main as cli
+
+  sys.argv.insert(1, "export")
+  app.run(cli.main)

@@ -104,6 +104,17 @@ def test_export_command_on_two_devices_matches_the_automatic_export(trained, tin
       np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_export_module_runs_the_export_command(tmp_path):
+  """`python -m ito_jax.export --workdir=DIR` is `python -m ito_jax.main
+  export`: in a workdir with no checkpoint it fails saying so, instead of
+  exiting 0 having done nothing."""
+  out = subprocess.run([sys.executable, "-m", "ito_jax.export", f"--workdir={tmp_path}"],
+                       cwd=tiny_run.ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=tiny_run.TIMEOUT)
+  assert out.returncode != 0
+  assert f"no checkpoint in {tmp_path}/checkpoints: train first" in out.stderr
+
+
 # =============================================================================
 # Bad exports: each is refused with an error naming the file and the problem
 # =============================================================================
