@@ -2,7 +2,8 @@
 
   embed     --export=DIR (--images FILE... | --texts=FILE) --out=OUT.npy
             image files, or a text file with one caption per line, to a float32
-            [n, embed_dim] .npy (row i is input i; no pickle).
+            [n, embed_dim] .npy (row i is input i; no pickle). A blank
+            line in the text file is refused, naming its line number.
   http      --export=DIR [--host=127.0.0.1] [--port=8000] [limits...]
             the JSON embedding service (ito_jax/serve/http.py); prints
             "serving on URL" once ready; SIGTERM/SIGINT stop it.
@@ -20,19 +21,31 @@ import sys
 import numpy as np
 
 
+def _read_texts(path: str) -> list[str]:
+  """One caption per line. A blank line is refused rather than skipped: row i
+  of the output is line i of the input, and a dropped line would shift every
+  row after it onto the wrong caption."""
+  with open(path, encoding="utf-8") as f:
+    texts = [line.rstrip("\n") for line in f]
+  for number, text in enumerate(texts, start=1):
+    if not text.strip():
+      raise SystemExit(f"embed: {path}, line {number} is blank; row i of the output is line i "
+                       "of the input, so give every line a caption (or delete the line)")
+  if not texts:
+    raise SystemExit(f"embed: {path} is empty; give one caption per line")
+  return texts
+
+
 def _embed(args) -> int:
   from ito_jax import serve
 
   if bool(args.images) == bool(args.texts):
     raise SystemExit("embed: give exactly one of --images FILE... or --texts=FILE")
+  texts = _read_texts(args.texts) if args.texts else None  # before the export loads
   embedder = serve.load(args.export, max_batch=args.max_batch)
   if args.images:
     embeddings = embedder.embed_images(args.images)
   else:
-    with open(args.texts, encoding="utf-8") as f:
-      texts = [line.rstrip("\n") for line in f if line.strip()]
-    if not texts:
-      raise SystemExit(f"embed: {args.texts} holds no non-empty lines")
     embeddings = embedder.embed_texts(texts)
   np.save(args.out, embeddings.astype(np.float32), allow_pickle=False)
   print(f"wrote {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} to {args.out}")
