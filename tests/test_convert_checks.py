@@ -1,10 +1,12 @@
 """The converter's handling of input it cannot fully use (tests/test_convert.py
 covers each input kind): tars cut at a header, labels outside the class
 names or not integers, a BOM in captions.csv, per-caption ids in TFDS
-features, and images above PIL's own pixel limit."""
+features, images above PIL's own pixel limit, and an input with no records."""
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import zlib
 
@@ -13,7 +15,9 @@ from PIL import Image
 import pytest
 
 import data_helpers as h
-from ito_jax.data import convert, records, sources
+from ito_jax.data import convert, pipeline, records, sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _records(path: str) -> dict:
@@ -92,3 +96,22 @@ def test_max_image_pixels_above_pils_own_limit_is_ours_to_decide(monkeypatch):
   with pytest.raises(records.BadRecord) as large:
     records.decode_image(bytes(png), max_pixels=400_000_000)
   assert large.value.kind != 'image_too_large', large.value
+
+
+def test_an_empty_input_fails_the_command_and_training_refuses_it(tmp_path):
+  """An empty captions.jsonl: the command exits non-zero saying it wrote no
+  records, and training refuses the (complete but empty) output by its path
+  instead of failing later in the tokenizer."""
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'captions.jsonl').write_text('')
+  out = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ito_jax.data.convert', '--kind=folder', f'--input={tmp_path / "in"}',
+       f'--output={out}', '--num_workers=1'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert f'convert: wrote 0 records to {out}: {tmp_path / "in"} holds no records' in proc.stderr
+  config = h.micro_config(sources=(str(out),), eval_source=str(out))
+  with pytest.raises(ValueError, match=rf'config.data.sources: {out} holds no records \(0 read'):
+    pipeline.train_sources(config)
+  with pytest.raises(ValueError, match=rf'config.data.eval_source: {out} holds no records'):
+    pipeline.eval_source(config, 'test')

@@ -301,6 +301,11 @@ def main(argv):
         f'({m["num_read"]} read); bad: {m["bad"] or "none"}; repaired: {m["repaired"] or "none"}')
   for kind, ids in m['bad_examples'].items():
     print(f'  {kind}: e.g. {", ".join(map(repr, ids))}')
+  if not m['num_records']:  # training would refuse the empty source; say so now
+    why = (f'all {m["num_read"]} records read were bad (see above)' if m['num_read'] else
+           f'{_INPUT.value} holds no records')
+    raise SystemExit(f'convert: wrote 0 records to {_OUTPUT.value}: {why}; '
+                     'training cannot use an empty source')
 
 
 if __name__ == '__main__':

@@ -63,10 +63,23 @@ def configured_sources(config: ml_collections.ConfigDict) -> list[tuple[str, flo
   return out
 
 
+def _converted(path: str, field: str) -> sources.ArrayRecordSource:
+  """The converted source at `path` (named by config.`field`), refused when it
+  holds no records: the run would otherwise fail later, in the tokenizer or
+  the first batch, with a message naming neither the source nor why."""
+  source = sources.ArrayRecordSource(path)
+  if not len(source):
+    m = source.manifest
+    raise ValueError(f'config.{field}: {path} holds no records ({m.get("num_read", 0)} read at '
+                     f'conversion, bad: {m.get("bad") or "none"}); convert data with records '
+                     'into it, or leave it out')
+  return source
+
+
 def train_sources(config: ml_collections.ConfigDict, data_dir: str | None = None):
   """[(source, weight)]: the configured converted sources, else ito_shapes' train split."""
   if config.data.sources:
-    return [(sources.ArrayRecordSource(path), weight) for path, weight in configured_sources(config)]
+    return [(_converted(path, 'data.sources'), weight) for path, weight in configured_sources(config)]
   return [(sources.TfdsSource(builder_for(config, data_dir), 'train'), 1.0)]
 
 
@@ -74,7 +87,7 @@ def eval_source(config: ml_collections.ConfigDict, split: str, data_dir: str | N
   """config.data.eval_source when set (a converted directory; `split` is then
   unused), else `split` of ito_shapes."""
   if config.data.eval_source:
-    return sources.ArrayRecordSource(config.data.eval_source)
+    return _converted(config.data.eval_source, 'data.eval_source')
   return sources.TfdsSource(builder_for(config, data_dir), split)
 
 
