@@ -22,7 +22,8 @@
 #   --version             TPU software version when creating (default v2-alpha-tpuv5-lite,
 #                         the v5e runtime; v4: tpu-ubuntu2204-base, v6e: v2-alpha-tpuv6e).
 #   --spot                create the slice as Spot VMs.
-#   --config, --workdir   passed to ito_jax.main (required). The workdir may be gs://...:
+#   --config, --workdir   passed to ito_jax.main (required). The config file must be
+#                         committed (the slice gets HEAD). The workdir may be gs://...:
 #                         metrics, TensorBoard events and the rest go there through epath.
 #   --data_dir            local disk on each worker for the generated data set, used when
 #                         the workdir is remote (default /tmp/ito_jax_data).
@@ -64,7 +65,15 @@ done
 [[ -n $zone ]] || die "--zone is required"
 [[ -n $config ]] || die "--config is required"
 [[ -n $workdir ]] || die "--workdir is required"
-[[ -f $ROOT/${config%%:*} ]] || die "--config=$config: no file ${config%%:*} in $ROOT"
+config_file=${config%%:*}
+[[ -f $ROOT/$config_file ]] || die "--config=$config: no file $config_file in $ROOT"
+# The slice gets `git archive HEAD`, not the working tree: a config that is
+# only on this disk would be missing there, after the slice was created.
+git -C "$ROOT" cat-file -e "HEAD:$config_file" 2>/dev/null ||
+  die "--config=$config: $config_file is not committed, and the slice gets only the committed" \
+      "HEAD (git archive); commit it first (git add $config_file && git commit)"
+git -C "$ROOT" diff --quiet HEAD -- "$config_file" ||
+  note "warning: $config_file has uncommitted changes; the slice trains HEAD's version of it"
 
 tpu=(gcloud compute tpus tpu-vm)
 where=("--zone=$zone")

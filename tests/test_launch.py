@@ -191,6 +191,36 @@ def test_tpu_local_workdir_keeps_the_default_data_dir_and_detach_backgrounds(fak
   assert remote.endswith("> ~/ito_jax_train.log 2>&1 < /dev/null &") and "setsid nohup" in remote
 
 
+def test_tpu_refuses_a_config_that_is_not_committed(fakes, tmp_path):
+  """The slice gets `git archive HEAD`: a config file only in the working tree
+  (untracked, or added but not committed) is refused before any gcloud call,
+  and an edited one is shipped as committed, with a warning."""
+  env, read_log = fakes
+  repo = tmp_path / "repo"
+  for name in ("launch/tpu_pod.sh", "launch/common.sh", "requirements.txt", "configs/tiny_cpu.py"):
+    (repo / name).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(os.path.join(ROOT, name), repo / name)
+  git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+  subprocess.run([*git, "init", "-q"], check=True)
+  subprocess.run([*git, "add", "."], check=True)
+  subprocess.run([*git, "commit", "-qm", "init"], check=True)
+  (repo / "configs" / "mine.py").write_text("def get_config(arg=None): ...\n")
+  args = [a for a in TPU_ARGS if not a.startswith("--config=")] + ["--config=configs/mine.py:runlocal"]
+  script = ["bash", str(repo / "launch" / "tpu_pod.sh"), *args]
+  for stage in ("untracked", "added"):
+    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, stage
+    assert ("--config=configs/mine.py:runlocal: configs/mine.py is not committed, and the slice "
+            "gets only the committed HEAD (git archive); commit it first") in result.stderr
+    assert read_log() == []  # nothing created, shipped or started
+    subprocess.run([*git, "add", "configs/mine.py"], check=True)
+  subprocess.run([*git, "commit", "-qm", "mine"], check=True)
+  (repo / "configs" / "mine.py").write_text("def get_config(arg=None): return None\n")
+  result = subprocess.run([*script, "--dry_run"], env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert "configs/mine.py has uncommitted changes; the slice trains HEAD's version" in result.stderr
+
+
 @pytest.mark.parametrize("missing", ["--name", "--zone", "--config", "--workdir"])
 def test_tpu_missing_flag_is_named(fakes, missing):
   env, _ = fakes
