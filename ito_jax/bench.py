@@ -226,10 +226,42 @@ def main_input_only(config: ml_collections.ConfigDict) -> None:
           f"first 3 batches {figures['startup_s']:.2f}s)")
 
 
+def _int_list(flag, minimum: int) -> list[int]:
+  try:
+    values = [int(v) for v in flag.value]
+  except ValueError:
+    values = []
+  if not values or min(values) < minimum:
+    raise app.UsageError(f"--{flag.name}={','.join(flag.value)}: expected a comma-separated "
+                         f"list of integers >= {minimum}")
+  return values
+
+
+def check_flags() -> None:
+  """Refuses flag values the benchmark cannot use, before anything compiles
+  (a negative --steps used to compile the step and then fail computing the
+  median of no times)."""
+  for flag, minimum in ((_STEPS, 0), (_WARMUP, 0), (_HOST_DEVICES, 0), (_INPUT_BATCHES, 1)):
+    if flag.value < minimum:
+      raise app.UsageError(f"--{flag.name}={flag.value}: must be >= {minimum}")
+  if _PEAK.value < 0:
+    raise app.UsageError(f"--peak_tflops={_PEAK.value}: must be >= 0 (0 looks the device up)")
+  if _STEPS.value == 0:
+    timed = [f"--{f.name}" for f in (_FUSION, _INPUT_ONLY, _OT) if f.value]
+    if timed:
+      raise app.UsageError(f"--steps=0 compiles only, but {' and '.join(timed)} time steps: "
+                           "give --steps >= 1")
+  if _OT.value:
+    _int_list(_OT_BATCH_SIZES, 1)
+  if _INPUT_ONLY.value:
+    _int_list(_INPUT_WORKERS, 0)
+
+
 def main(argv):
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config is required")
+  check_flags()
   if _HOST_DEVICES.value:  # read when the backend starts, which is below
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
