@@ -115,3 +115,16 @@ def test_an_empty_input_fails_the_command_and_training_refuses_it(tmp_path):
     pipeline.train_sources(config)
   with pytest.raises(ValueError, match=rf'config.data.eval_source: {out} holds no records'):
     pipeline.eval_source(config, 'test')
+
+
+def test_bad_options_and_a_missing_input_directory_are_named(tmp_path):
+  """records_per_shard=0 used to divide by zero when planning shards, and a
+  missing --input directory was reported as a missing captions.jsonl."""
+  with pytest.raises(ValueError, match='--records_per_shard=0: must be a positive integer'):
+    convert.Options(records_per_shard=0)
+  with pytest.raises(ValueError, match='--num_workers=0: must be a positive integer'):
+    convert.convert('folder', str(tmp_path), str(tmp_path / 'out'), num_workers=0, progress=False)
+  missing = str(tmp_path / 'missing')
+  with pytest.raises(FileNotFoundError, match=f'--input={missing}: no such directory'):
+    convert.convert('folder', missing, str(tmp_path / 'out'), progress=False)
+  assert not (tmp_path / 'out').exists()

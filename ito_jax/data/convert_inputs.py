@@ -43,6 +43,10 @@ class FolderInput:
 
   def __init__(self, root: str, captions_file: str = '', class_names=None):
     self.root = os.path.abspath(root)
+    if not os.path.isdir(self.root):
+      raise FileNotFoundError(f'--input={root}: no such directory' if not os.path.exists(self.root)
+                              else f'--input={root}: not a directory (--kind=folder reads a '
+                              'directory of images and its captions file)')
     self.captions_file = captions_file or self._default_captions_file()
     rows, self.malformed = self._read_rows()
     by_id: dict[str, dict] = {}
