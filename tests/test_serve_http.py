@@ -219,6 +219,26 @@ def test_unencodable_text_and_deep_json_get_400(modelless_server, body, message)
   assert status == 200 and reply["embeddings"] == [[1.0, 1.0]]
 
 
+@pytest.mark.parametrize("method, path, allow", [
+    ("GET", "/embed/text", "POST"), ("GET", "/embed/image", "POST"), ("POST", "/health", "GET"),
+    ("DELETE", "/embed/text", "POST"),
+])
+def test_a_known_path_asked_with_another_method_is_405_with_allow(modelless_server, method, path,
+                                                                   allow):
+  """Not 404 (the path exists): 405 naming the method to use, in Allow too."""
+  host, port = modelless_server.server_address[:2]
+  conn = http.client.HTTPConnection(host, port, timeout=60)
+  try:
+    conn.request(method, path, body=b"{}" if method == "POST" else None)
+    response = conn.getresponse()
+    reply = json.loads(response.read())
+  finally:
+    conn.close()
+  assert (response.status, response.getheader("Allow")) == (405, allow), reply
+  assert f"{method} is not supported on {path!r}; use {allow} {path}" in reply["error"]
+  assert request(modelless_server, "GET", "/health")[0] == 200
+
+
 @pytest.mark.parametrize("raw, want_status, message", [
     (b"POST /embed/text HTTP/1.1\r\nHost: x\r\n\r\n", 411, "Content-Length"),
     (b"POST /embed/text HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400, "bad Content-Length"),

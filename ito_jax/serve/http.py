@@ -13,8 +13,9 @@ requests into one forward pass of up to `max_batch` rows, waiting at most
 `max_wait_ms` for company, so throughput grows with concurrency while the
 model is only ever called from one thread.
 
-Bad requests get a 4xx JSON {"error": "..."} naming the field and the problem;
-the server keeps serving. Limits: request body bytes, items per request,
+Bad requests get a 4xx JSON {"error": "..."} naming the field and the problem
+(a path asked with the wrong method: 405 with an Allow header); the server
+keeps serving. Limits: request body bytes, items per request,
 characters per text, bytes and pixels per image.
 """
 
@@ -52,9 +53,10 @@ DRAIN_BYTES = 64 << 20  # an oversized body is read and dropped up to this size,
 class RequestError(Exception):
   """A client error: HTTP status and a message for the client."""
 
-  def __init__(self, status: HTTPStatus, message: str):
+  def __init__(self, status: HTTPStatus, message: str, headers: dict | None = None):
     super().__init__(message)
     self.status = status
+    self.headers = headers or {}
 
 
 # =============================================================================
@@ -233,6 +235,17 @@ class EmbeddingServer(ThreadingHTTPServer):
       b.close()
 
 
+# The method each path answers; another method on it is 405 with an Allow header.
+METHODS = {"/health": "GET", "/embed/text": "POST", "/embed/image": "POST"}
+
+
+def _wrong_method(method: str, path: str) -> RequestError:
+  allowed = METHODS.get(path, "GET, POST")
+  where = f"{allowed} {path}" if path in METHODS else "GET /health or POST /embed/..."
+  return RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not supported on {path!r}; "
+                      f"use {where}", headers={"Allow": allowed})
+
+
 class _Handler(BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
   # Headers and body go out in two writes; with Nagle on, the body waits for the
@@ -244,10 +257,13 @@ class _Handler(BaseHTTPRequestHandler):
   def log_message(self, format, *args):  # noqa: A002 (the base class's name)
     logging.debug("%s " + format, self.address_string(), *args)
 
-  def _reply(self, status: HTTPStatus, payload: dict, close: bool = False) -> None:
+  def _reply(self, status: HTTPStatus, payload: dict, close: bool = False,
+             headers: dict | None = None) -> None:
     body = json.dumps(payload).encode()
     self.send_response(status)
     self.send_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+      self.send_header(name, value)
     self.send_header("Content-Length", str(len(body)))
     if close:
       self.send_header("Connection", "close")
@@ -256,6 +272,9 @@ class _Handler(BaseHTTPRequestHandler):
     self.wfile.write(body)
 
   def do_GET(self):
+    if self.path in METHODS and METHODS[self.path] != "GET":
+      e = _wrong_method("GET", self.path)
+      return self._reply(e.status, {"error": str(e)}, headers=e.headers)
     if self.path != "/health":
       return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}"})
     e = self.server.embedder
@@ -267,6 +286,8 @@ class _Handler(BaseHTTPRequestHandler):
     kinds = {"/embed/text": ("text", parse_texts), "/embed/image": ("image", parse_images)}
     try:
       raw = self._read_body()
+      if self.path in METHODS and self.path not in kinds:
+        raise _wrong_method("POST", self.path)
       if self.path not in kinds:
         raise RequestError(HTTPStatus.NOT_FOUND, f"no such path {self.path!r}; "
                                                  f"POST /embed/text or /embed/image")
@@ -283,7 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
       rows = parse(body, self.server.embedder, self.server.limits)
       embeddings = self.server.batchers[kind].submit(rows)
     except RequestError as e:
-      return self._reply(e.status, {"error": str(e)}, close=True)
+      return self._reply(e.status, {"error": str(e)}, close=True, headers=e.headers)
     except Exception as e:  # a server fault; the request fails, the server stays up
       logging.exception("request failed")
       return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
@@ -337,9 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
       self._discard(self._content_length())
     except RequestError:
       pass
-    self._reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} is not supported; "
-                                                         "use GET /health or POST /embed/..."},
-                close=True)
+    e = _wrong_method(self.command, self.path)
+    self._reply(e.status, {"error": str(e)}, close=True, headers=e.headers)
 
   do_PUT = do_DELETE = do_PATCH = _method_not_allowed
 
