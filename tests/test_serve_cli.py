@@ -1,7 +1,13 @@
-"""The serving CLI's input checks, which run before any export is loaded."""
+"""The serving CLI's checks that need no export: embed's caption file, and a
+load test against a server that is not (or no longer) listening."""
+
+import socket
+import threading
+import time
 
 import pytest
 
+from ito_jax.serve import loadtest
 from ito_jax.serve.__main__ import main
 
 
@@ -19,3 +25,37 @@ def test_embed_refuses_a_blank_caption_line(tmp_path, content, message):
     main(["embed", f"--export={tmp_path / 'no_export'}", f"--texts={tmp_path / 'texts.txt'}",
           f"--out={tmp_path / 'out.npy'}"])
   assert not (tmp_path / "out.npy").exists()
+
+
+def _closed_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_loadtest_against_a_dead_port_stops_at_once():
+  """--url with nothing listening fails in well under a second saying so,
+  instead of counting refused requests for the whole --seconds."""
+  start = time.monotonic()
+  with pytest.raises(SystemExit, match=r"loadtest: cannot connect to http://127.0.0.1:\d+ .*is the "
+                                       r"server running\?"):
+    main(["loadtest", f"--url=http://127.0.0.1:{_closed_port()}", "--seconds=20"])
+  assert time.monotonic() - start < 5
+
+
+def test_loadtest_ends_when_the_server_stops_listening():
+  """A server that goes away mid-run ends every client early; the report's
+  first error says why."""
+  listener = socket.create_server(("127.0.0.1", 0))
+  port = listener.getsockname()[1]
+
+  def accept_once_then_close():
+    conn, _ = listener.accept()  # the load test's reachability check
+    conn.close()
+    listener.close()
+
+  threading.Thread(target=accept_once_then_close, daemon=True).start()
+  start = time.monotonic()
+  report = loadtest.run(f"http://127.0.0.1:{port}", clients=2, seconds=20, kind="text")
+  assert time.monotonic() - start < 10
+  assert report.errors >= 1 and "stopped listening; the load test ends here" in report.first_error

@@ -91,8 +91,11 @@ def _loadtest(args) -> int:
     print(f"load test: {args.clients} clients for {args.seconds} s against {url} "
           f"({args.kind}: {args.texts_per_request} texts or {args.images_per_request} images "
           f"per request)", flush=True)
-    report = loadtest.run(url, args.clients, args.seconds, args.kind, args.texts_per_request,
-                          args.images_per_request)
+    try:
+      report = loadtest.run(url, args.clients, args.seconds, args.kind, args.texts_per_request,
+                            args.images_per_request)
+    except ConnectionError as e:
+      raise SystemExit(f"loadtest: {e}") from None
   finally:
     if server:
       server.stop()

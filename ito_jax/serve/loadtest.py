@@ -9,7 +9,8 @@ With `--export` the server runs in a child process (so clients and server do
 not share one interpreter lock), started on a free port and ended by its PID;
 with `--url` an already running server is used. Every request has a timeout,
 and a response counts as an error unless it is a 200 with one embedding per
-input. Reports requests/s, items/s and latency percentiles.
+input. Reports requests/s, items/s and latency percentiles. Nothing listening
+at --url fails at once, and a server that stops listening mid-run ends it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -106,19 +108,30 @@ def _forward_passes(host: str, port: int) -> int | None:
 def run(url: str, clients: int = 8, seconds: float = 10.0, kind: str = "mixed",
         texts_per_request: int = 4, images_per_request: int = 1,
         request_timeout: float = 30.0) -> Report:
-  """Drives the server at `url` with `clients` threads for `seconds`."""
+  """Drives the server at `url` with `clients` threads for `seconds`.
+
+  Raises ConnectionError at once when nothing listens at `url`; a refused
+  connection mid-run (the server went away) ends every client early, the
+  refusal reported as the first error."""
   if kind not in ("text", "image", "mixed"):
     raise ValueError(f"kind must be text|image|mixed, got {kind!r}")
   parsed = urllib.parse.urlsplit(url)
+  try:  # thousands of refused requests over the whole run would say less
+    socket.create_connection((parsed.hostname, parsed.port or 80), timeout=request_timeout).close()
+  except OSError as e:
+    raise ConnectionError(f"cannot connect to {url} ({e}); is the server running? Start one "
+                          "with `python -m ito_jax.serve http --export=DIR`, or pass --export=DIR "
+                          "to start it here") from None
   payloads = make_payloads(kind, texts_per_request, images_per_request)
   lock = threading.Lock()
   latencies, counts, first_error = [], {"requests": 0, "errors": 0, "items": 0}, []
   stop_at = time.monotonic() + seconds
+  refused = threading.Event()  # the server stopped listening: no client goes on
 
   def client(index: int):
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=request_timeout)
     i = index
-    while time.monotonic() < stop_at:
+    while time.monotonic() < stop_at and not refused.is_set():
       path, body, n = payloads[i % len(payloads)]
       i += 1
       start = time.perf_counter()
@@ -133,6 +146,9 @@ def run(url: str, clients: int = 8, seconds: float = 10.0, kind: str = "mixed",
           error = "wrong number of embeddings"
       except (OSError, http.client.HTTPException, ValueError, KeyError) as e:
         error = f"{type(e).__name__}: {e}"
+        if isinstance(e, ConnectionRefusedError):
+          error = f"{error} (the server at {url} stopped listening; the load test ends here)"
+          refused.set()
         conn.close()
         conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=request_timeout)
       elapsed_ms = (time.perf_counter() - start) * 1000
