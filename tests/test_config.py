@@ -94,7 +94,8 @@ def test_shipped_configs_are_valid(module):
   assert config.is_locked
 
 
-ALL_CONFIGS = [tiny_cpu, ito_tiny_cpu, ot_partial_tiny_cpu, clip_vit_b16, ito_vit_b16, siglip_vit_b16, bench_s]
+ALL_CONFIGS = [tiny_cpu, ito_tiny_cpu, ot_partial_tiny_cpu, clip_vit_b16, ito_vit_b16,
+               siglip_vit_b16, bench_s]
 
 
 @pytest.mark.parametrize("module", ALL_CONFIGS, ids=lambda m: m.__name__.split(".")[-1])
