@@ -9,6 +9,7 @@ import math
 import ml_collections
 
 from ito_jax import sharding
+from ito_jax.cli import UserError
 from ito_jax.data.augment import EVAL_RESIZE_MODES
 from ito_jax.losses.sharded import SIGMOID_VARIANTS
 from ito_jax.models import vit as vit_lib
@@ -17,7 +18,7 @@ LOSSES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """An invalid setting, named by its field."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from ito_jax import cli
 from ito_jax.metrics import read_jsonl
 
 VARIANTS = ("baseline", "multi_align", "fusion", "ito")
@@ -259,4 +260,4 @@ if __name__ == "__main__":
   # imports ito_jax.ablate and raises *its* Preempted, which a `except
   # Preempted` here (another class object) would not catch.
   from ito_jax import ablate as _module  # pylint: disable=g-import-not-at-top
-  app.run(_module.main)
+  cli.run(_module.main)

@@ -30,7 +30,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import common, ot_sections
-from ito_jax import flops, sharding, train
+from ito_jax import cli, flops, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after compilation.")
@@ -290,4 +290,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -41,6 +41,7 @@ from etils import epath
 from flax import nnx
 
 from configs import common
+from ito_jax.cli import UserError
 from ito_jax.data.tokenizer import Tokenizer
 from ito_jax.models import ito
 
@@ -49,7 +50,7 @@ MANIFEST, CONFIG, PARAMS, TOKENIZER = "manifest.json", "model_config.json", "par
 FILES = (MANIFEST, CONFIG, PARAMS, TOKENIZER)
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
   """A bad export; the message names the file and what is wrong with it."""
 
 
@@ -358,9 +359,8 @@ if __name__ == "__main__":
   # --workdir=DIR`: the same flags, the same checks, the same message.
   import sys
 
-  from absl import app
-
-  from ito_jax import main as cli
+  from ito_jax import cli
+  from ito_jax import main as main_lib
 
   sys.argv.insert(1, "export")
-  app.run(cli.main)
+  cli.run(main_lib.main)

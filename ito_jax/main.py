@@ -23,7 +23,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ito_jax import distributed
+from ito_jax import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, tokenizer, metrics and checkpoints.")
@@ -79,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from ito_jax import cli
 from ito_jax import ablate  # its tables and run bookkeeping; it imports this module only in main
 
 VARIANTS = ("contrastive", "loop", "barycenter")
@@ -177,4 +178,4 @@ if __name__ == "__main__":
   flags.DEFINE_list("aligned_fractions", [], "ρ values; empty: the config's.")
   flags.DEFINE_list("seeds", [], "Training seeds to repeat every run with; empty: the config's.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main)

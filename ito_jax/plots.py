@@ -28,6 +28,7 @@ from absl import app, flags
 from etils import epath
 from matplotlib.figure import Figure
 
+from ito_jax import cli
 from ito_jax.evaluate import embeddings as embeddings_lib
 from ito_jax.evaluate import gap
 from ito_jax.metrics import read_jsonl
@@ -189,4 +190,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A training run's workdir (local or gs://).")
   flags.DEFINE_string("out", "", "Where the PNGs go; default WORKDIR/plots.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main)

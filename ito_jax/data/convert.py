@@ -55,6 +55,7 @@ from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
+from ito_jax import cli
 from ito_jax.data import records, sources
 from ito_jax.data.convert_inputs import KINDS, make_input
 
@@ -322,4 +323,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

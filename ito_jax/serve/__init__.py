@@ -31,10 +31,11 @@ from flax import nnx
 from PIL import Image
 
 from ito_jax import export as export_lib
+from ito_jax.cli import UserError
 from ito_jax.data import augment, records
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
   """An input the embedder cannot take; the message names which one and why."""
 
 

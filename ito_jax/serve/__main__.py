@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from ito_jax import cli
+
 
 def _read_texts(path: str) -> list[str]:
   """One caption per line. A blank line is refused rather than skipped: row i
@@ -151,4 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.exit_on_user_error(main))

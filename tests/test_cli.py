@@ -1,0 +1,56 @@
+"""Command-line mistakes end a tool with a message that names them and exit
+status 1, not a traceback; bugs keep theirs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ito_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, cwd=ROOT):
+  proc = subprocess.run([sys.executable, "-m", "ito_jax.main", *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("args, want", [
+    (["--config.total_stpes=4"], 'error in the command line: \'total_stpes\'\nDid you mean "total_steps"'),
+    (["--config.loss.name=hinge"], "error: config.loss.name: unknown loss 'hinge'"),
+])
+def test_a_mistake_is_one_message_not_a_traceback(tmp_path, args, want):
+  rc, err = _main("--config=configs/tiny_cpu.py", f"--workdir={tmp_path}", *args)
+  assert rc == 1 and want in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_config_file_that_does_not_load_is_named(tmp_path):
+  rc, err = _main("--config=configs/no_such_file.py", f"--workdir={tmp_path}")
+  assert rc == 1 and "Traceback" not in err, err[-2000:]
+  assert "error in the command line: --config: Failed loading config file" in err
+  assert "No such file or directory: 'configs/no_such_file.py'" in err
+
+
+def test_message_unwraps_ml_collections_errors():
+  misspelt = AttributeError(KeyError("'total_stpes'\nDid you mean \"total_steps\"?"))
+  assert cli.message(misspelt) == "'total_stpes'\nDid you mean \"total_steps\"?"
+  try:
+    try:
+      raise OSError("Failed loading config file x")
+    except OSError as first:
+      raise OSError("not available because of an earlier failure") from first
+  except OSError as e:
+    assert cli.message(e) == "Failed loading config file x"
+
+
+def test_only_user_errors_are_shortened():
+  class Mistake(cli.UserError):
+    pass
+
+  with pytest.raises(SystemExit, match="error: field x is wrong"):
+    cli.exit_on_user_error(lambda: (_ for _ in ()).throw(Mistake("field x is wrong")))
+  with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+    cli.exit_on_user_error(lambda: 1 / 0)
