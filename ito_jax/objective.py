@@ -76,7 +76,11 @@ def with_patch_dropout(batch: dict, config: ml_collections.ConfigDict, step, mes
 
   def draw(key, images):
     noise = jax.random.uniform(key, (*images.shape[:2], (image.image_size // image.patch_size) ** 2))
-    _, keep = jax.lax.top_k(noise, vit.kept_patches(image))  # [rows, views, K]
+    # The indices of the K largest scores, as lax.top_k gives them (ties to the
+    # lower index). Not top_k itself: GSPMD does not split top_k over the batch
+    # and gathers every row's scores onto every device each step.
+    order = jnp.argsort(-noise, axis=-1, stable=True)  # [rows, views, patches]
+    keep = order[..., :vit.kept_patches(image)].astype(jnp.int32)  # [rows, views, K]
     if mesh is not None:
       keep = jax.lax.with_sharding_constraint(keep, NamedSharding(mesh, BATCH))
     return keep

@@ -2,9 +2,11 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_check.py step [OBJECTIVE ...]
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_check.py memory
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_check.py placement
 
 A separate process because a process fixes its device count when JAX starts;
-tests/test_sharding.py launches it and asserts on the figures.
+tests/test_sharding.py and tests/test_placement.py launch it and assert on
+the figures.
 
 step:   the train step on a (data, fsdp, tensor) mesh against the same step on
         one device, same initial parameters and batches: loss of each step and
@@ -16,6 +18,8 @@ memory: the compiled per-device memory of the batch-level loss terms (value
         and of a whole train step under fsdp against data parallelism; and the
         saturation metric from 8 shards against `gap.saturation` of the whole
         [B, B] logits (each shard's positives sit in its own columns).
+placement: the collectives of the compiled patch-dropout draw on every mesh
+        (each batch shard draws its own rows' subsets; nothing to exchange).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from configs import common  # noqa: E402
-from ito_jax import sharding, train  # noqa: E402
+from ito_jax import objective, sharding, train  # noqa: E402
 from ito_jax.bench import random_batch  # noqa: E402
 from ito_jax.evaluate import gap  # noqa: E402
 from ito_jax.losses import sharded  # noqa: E402
@@ -229,6 +233,39 @@ def check_saturation(batch=32, dim=8):
                     "whole": {k: float(v) for k, v in theirs.items()}}), flush=True)
 
 
+def collectives(hlo: str) -> list[str]:
+  """'kind result-shape' of every collective an HLO module runs."""
+  found = re.findall(r"=\s*(\S+)\s+(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
+                     r"(?:-start)?\(", hlo)
+  return sorted(f"{kind} {shape}" for shape, kind in found)
+
+
+def check_patch_dropout():
+  """The compiled draw of objective.with_patch_dropout, as the train step makes
+  it (batch split over data x fsdp), on every mesh, aligned and unaligned
+  images: its collectives, and its keep indices against one device's."""
+  for shape in MESHES:
+    config = tiny_config("ot_partial", shape)
+    config.model.image.patch_dropout = 0.5
+    config.partial.unaligned_patch_dropout = True
+    common.validate(config, 8)
+    mesh = sharding.make_mesh(config)
+    batch = sharding.put_batch(random_batch(config), mesh)
+    draw = jax.jit(lambda b, step, mesh=mesh: {
+        k: v for k, v in objective.with_patch_dropout(b, config, step, mesh).items() if "keep" in k})
+    compiled = draw.lower(batch, 3).compile()
+    keep = compiled(batch, 3)
+    alone = objective.with_patch_dropout(jax.device_put(random_batch(config), jax.devices()[0]), config, 3)
+    print(json.dumps({
+        "check": "patch_dropout", "mesh": list(shape),
+        "scores_shape": [config.batch_size, config.loss.num_image_views,
+                         (config.model.image.image_size // config.model.image.patch_size) ** 2],
+        "collectives": collectives(compiled.as_text()),
+        "keep_shard_shapes": {k: list(v.addressable_shards[0].data.shape) for k, v in keep.items()},
+        "equal_to_one_device": {k: bool(np.array_equal(np.asarray(v), np.asarray(alone[k])))
+                                for k, v in keep.items()}}), flush=True)
+
+
 if __name__ == "__main__":
   if jax.device_count() != 8:
     sys.exit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), got {jax.device_count()}")
@@ -237,6 +274,8 @@ if __name__ == "__main__":
     check_memory()
     check_fsdp_memory()
     check_saturation()
+  elif part == "placement":
+    check_patch_dropout()
   else:
     unknown = set(sys.argv[2:]) - set(OBJECTIVES)
     if unknown:

@@ -108,6 +108,22 @@ def test_each_step_and_view_draws_its_own_subset():
   assert not np.array_equal(keep0, np.asarray(jax.lax.top_k(init_noise, keep0.shape[-1])[1]))
 
 
+
+def test_the_draw_is_the_top_k_of_the_steps_scores():
+  """The K highest of each view's uniform scores, as lax.top_k picked them
+  before the draw became a sort (top_k gathered the batch under a mesh): a
+  run resumed from a checkpoint of then draws the subsets it would have."""
+  c = config()
+  c.batch_size = 8
+  c.model.image.update(image_size=16, patch_size=2)  # 64 patches, 32 kept
+  batch = {"images": jnp.zeros((8, 2, 1, 1, 3))}  # the draw reads only [B, M]
+  for step in (0, 7):
+    keep = np.asarray(objective.with_patch_dropout(batch, c, step)["patch_keep"])
+    stream = jax.random.fold_in(jax.random.key(c.seed), objective.PATCH_DROPOUT_STREAM)
+    noise = jax.random.uniform(jax.random.fold_in(stream, step), (8, 2, 64))
+    np.testing.assert_array_equal(keep, jax.lax.top_k(noise, 32)[1])
+    assert keep.dtype == np.int32
+
 def partial_config(rate=0.5, unaligned=True):
   c = config(rate)
   c.batch_size = 4
