@@ -8,7 +8,8 @@ own rows (process i of n: rows [i*B/n, (i+1)*B/n)), which
 `sharding.put_batch` assembles into global arrays, as the data pipeline's
 per-process shards are. With --num_processes=1 the whole batch goes to one
 device: the reference trajectory. tests/test_sharding.py runs both and
-compares.
+compares. Held-out embeddings are computed as evaluation does: every process
+holds the whole set, and each gets all of its embeddings.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main():
   from configs import common
   from ito_jax import sharding, train
   from ito_jax.bench import random_batch
+  from ito_jax.evaluate import evaluator
   from sharded_step_check import tiny_config
 
   config = tiny_config("ito")
@@ -55,6 +57,14 @@ def main():
   model, optimizer = train.create_model_and_optimizer(config, mesh)
   graphdef, state = nnx.split((model, optimizer))
   step = train.make_train_step(graphdef, sharding.state_shardings(state), mesh, config)
+
+  # Held-out embeddings as evaluation computes them (before training, which may
+  # donate the parameters): every process holds all 13 examples; batches of 6
+  # become 8 over the 4 batch shards of 2 processes, each process filling its own.
+  held_out = random_batch(config, seed=9)
+  embedded = {
+      "image": evaluator.embed_in_batches(evaluator._embed_images, model, held_out["images"][:13, 0], 6),
+      "text": evaluator.embed_in_batches(evaluator._embed_texts, model, held_out["tokens"][:13, 0], 6)}
 
   rows = config.batch_size // jax.process_count()
   mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
@@ -80,7 +90,8 @@ def main():
   print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
                     "devices": jax.device_count(), "mesh": dict(mesh.shape),
                     "accumulation_steps": config.optim.accumulation_steps, "losses": losses,
-                    "data_counts": data_counts, "shared_mesh_error": shared_mesh_error}),
+                    "data_counts": data_counts, "shared_mesh_error": shared_mesh_error,
+                    "embeddings": {k: v.tolist() for k, v in embedded.items()}}),
         flush=True)
   if args.num_processes > 1:
     jax.distributed.shutdown()

@@ -19,11 +19,14 @@ memory: the compiled per-device memory of the batch-level loss terms (value
         saturation metric from 8 shards against `gap.saturation` of the whole
         [B, B] logits (each shard's positives sit in its own columns).
 placement: the collectives of the compiled patch-dropout draw on every mesh
-        (each batch shard draws its own rows' subsets; nothing to exchange).
+        (each batch shard draws its own rows' subsets; nothing to exchange);
+        held-out embeddings on every mesh against one device's, with the
+        placement and per-device FLOPs of the embedding program.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,7 +45,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from configs import common  # noqa: E402
 from ito_jax import objective, sharding, train  # noqa: E402
 from ito_jax.bench import random_batch  # noqa: E402
-from ito_jax.evaluate import gap  # noqa: E402
+from ito_jax.evaluate import evaluator, gap  # noqa: E402
 from ito_jax.losses import sharded  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
@@ -266,6 +269,47 @@ def check_patch_dropout():
                                 for k, v in keep.items()}}), flush=True)
 
 
+def check_eval_embedding(examples=21, batch_size=10):
+  """Held-out embeddings (images and texts, evaluator.embed_in_batches) of a
+  model on each mesh against the same parameters on one device; and, for the
+  images, each device's input shard of the embedding program and its
+  compiled FLOPs per device, from the arguments embed_in_batches passed."""
+  data = random_batch(tiny_config("softmax"))
+  images = np.resize(data["images"][:, 0], (examples, *data["images"].shape[2:]))  # [E, H, W, 3]
+  tokens = np.resize(data["tokens"][:, 0], (examples, data["tokens"].shape[-1]))  # [E, L]
+
+  def embed(shape, devices):
+    config = tiny_config("softmax", shape)
+    mesh = sharding.make_mesh(config, devices)
+    model, _ = train.create_model_and_optimizer(config, mesh)
+    calls = []  # (images, whether the mesh was set) of each call
+
+    def spy(model, x):
+      calls.append((x, not jax.sharding.get_abstract_mesh().empty))
+      return evaluator._embed_images(model, x)
+
+    image_emb = evaluator.embed_in_batches(spy, model, images, batch_size)
+    text_emb = evaluator.embed_in_batches(evaluator._embed_texts, model, tokens, batch_size)
+    x, with_mesh = calls[0]
+    with jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext():
+      compiled = evaluator._embed_images.lower(model, x).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return image_emb, text_emb, {"batch": list(x.shape), "mesh_set": with_mesh,
+                                 "shard_shape": list(x.addressable_shards[0].data.shape),
+                                 "flops_per_device": float(cost["flops"])}
+
+  one_image, one_text, one = embed((1, 1, 1), jax.devices()[:1])
+  for shape in MESHES:
+    image_emb, text_emb, program = embed(shape, jax.devices())
+    print(json.dumps({
+        "check": "eval_embedding", "mesh": list(shape), "examples": examples,
+        "batch_size": batch_size, "shapes": [list(image_emb.shape), list(text_emb.shape)],
+        "image_max_abs_diff": float(np.max(np.abs(image_emb - one_image))),
+        "text_max_abs_diff": float(np.max(np.abs(text_emb - one_text))),
+        "program": program, "one_device_program": one}), flush=True)
+
+
 if __name__ == "__main__":
   if jax.device_count() != 8:
     sys.exit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), got {jax.device_count()}")
@@ -276,6 +320,7 @@ if __name__ == "__main__":
     check_saturation()
   elif part == "placement":
     check_patch_dropout()
+    check_eval_embedding()
   else:
     unknown = set(sys.argv[2:]) - set(OBJECTIVES)
     if unknown:

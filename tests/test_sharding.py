@@ -377,7 +377,9 @@ def test_two_processes_follow_the_one_process_trajectory():
   """ITO (with patch dropout) on 2 processes x 2 devices, the towers in two
   microbatches there (optim.accumulation_steps = 2, each microbatch drawing
   rows from both processes), against one process, one device, one pass;
-  and the bad-record counts that train.py logs, summed over the processes."""
+  and the bad-record counts that train.py logs, summed over the processes;
+  and held-out embeddings, their batches split over both processes' devices,
+  whole on each process and equal to one device's."""
   port = portpicker.pick_unused_port()
   script = os.path.join(HERE, "multiprocess_check.py")
   workers = [start([script, "--num_processes=2", f"--process_id={i}", f"--port={port}",
@@ -405,4 +407,9 @@ def test_two_processes_follow_the_one_process_trajectory():
   assert all("2 processes x 8 local rows made a global batch of 8" in r["shared_mesh_error"]
              for r in results), [r["shared_mesh_error"] for r in results]
   np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5, atol=1e-5)
+  # Held-out embeddings split over both processes' devices come back whole to each.
+  assert results[0]["embeddings"] == results[1]["embeddings"]
+  for key in ("image", "text"):
+    assert np.shape(reference["embeddings"][key]) == (13, 16)
+    np.testing.assert_allclose(results[0]["embeddings"][key], reference["embeddings"][key], atol=1e-6)
   assert reference["losses"][-1] < reference["losses"][0]  # it trains

@@ -3,34 +3,75 @@ accuracy, retrieval recall@K and modality-gap figures."""
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ito_jax import sharding
 from ito_jax.evaluate import gap, retrieval, transport, zeroshot
+
+
+def _whole(emb):
+  """`emb` replicated on every device of the mesh it is traced under (none:
+  unchanged): a batch split over processes comes back to each of them, which
+  all rank every held-out example against every other."""
+  return emb if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(emb, P())
 
 
 @nnx.jit
 def _embed_images(model, images):
-  return model.encode_image(images)
+  return _whole(model.encode_image(images))
 
 
 @nnx.jit
 def _embed_texts(model, tokens):
-  return model.encode_text(tokens)
+  return _whole(model.encode_text(tokens))
+
+
+def model_mesh(model):
+  """The mesh the model's parameters are laid out on, if it has the batch
+  axes (a model from train.create_model_and_optimizer); None for one on a
+  single device (serving's, tests')."""
+  leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+  placement = getattr(leaf, "sharding", None)
+  if isinstance(placement, NamedSharding) and set(sharding.BATCH_AXES) <= set(placement.mesh.axis_names):
+    return placement.mesh
+  return None
 
 
 def embed_in_batches(fn, model, array, batch_size: int) -> np.ndarray:
   """Applies fn over the leading axis in fixed-size batches (the last one is
-  padded so a single compiled shape serves every call)."""
+  padded with copies of its last row, dropped again, so a single compiled
+  shape serves every call).
+
+  On the model's mesh each batch is split over data x fsdp as a training
+  batch is (batch_size rounded up to a multiple of their product) and fn runs
+  with the mesh set, so each device embeds its share, not the whole batch.
+  Every process holds the whole held-out set, so each fills the shards of its
+  own devices from it; fn must return its embeddings replicated (as
+  _embed_images and _embed_texts do) for every process to read them."""
+  mesh = model_mesh(model)
+  shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  size = -(-batch_size // shards) * shards
   out = []
-  for start in range(0, len(array), batch_size):
-    chunk = array[start:start + batch_size]
+  for start in range(0, len(array), size):
+    chunk = np.asarray(array[start:start + size])
     n = len(chunk)
-    if n < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-    out.append(np.asarray(fn(model, jnp.asarray(chunk)))[:n])
+    if n < size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
+    if mesh is None:
+      emb = fn(model, jnp.asarray(chunk))
+    else:
+      placed = jax.make_array_from_callback(chunk.shape, sharding.batch_sharding(mesh),
+                                            lambda index, chunk=chunk: chunk[index])
+      with jax.set_mesh(mesh):  # the towers' batch constraints (sharding.constrain_batch)
+        emb = fn(model, placed)
+    out.append(np.asarray(emb)[:n])
   return np.concatenate(out)
 
 
