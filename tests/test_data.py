@@ -25,7 +25,7 @@ def make_config(data_dir, *, batch_size=8, m=2, n=3, context_length=16, num_work
   c.seed = seed
   c.batch_size = batch_size
   c.model = ml_collections.ConfigDict()
-  c.model.image = ml_collections.ConfigDict({'image_size': 32})
+  c.model.image = ml_collections.ConfigDict({'image_size': 32, 'eval_resize': 'squash'})
   c.model.text = ml_collections.ConfigDict({'context_length': context_length})
   c.loss = ml_collections.ConfigDict({'num_image_views': m, 'num_text_views': n})
   c.data = ml_collections.ConfigDict({
