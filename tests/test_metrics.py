@@ -146,6 +146,29 @@ def test_embeddings_sample_the_evaluation_without_embedding_again(tmp_path):
     np.testing.assert_allclose(got["text"], _embed_texts(model, data["tokens"][rows, 0]), atol=1e-6)
 
 
+def test_a_set_shorter_than_the_eval_batch_is_embedded_unpadded():
+  """5 examples with eval.batch_size 8 are one batch of 5, not 8 (tiny_cpu's
+  runlocal padded 128 examples to 500); longer sets keep fixed batches, the
+  last one padded and cut back."""
+  from flax import nnx
+  from ito_jax.evaluate.evaluator import embed_in_batches
+  from ito_jax.models.ito import ItoModel
+  with nnx.use_eager_sharding(False):
+    model = ItoModel(tiny_cpu.get_config("runlocal").model, rngs=nnx.Rngs(0))
+  seen = []
+
+  def spy(model, rows):
+    seen.append(rows.shape[0])
+    return rows * 2
+
+  rows = np.arange(13, dtype=np.float32)[:, None]
+  np.testing.assert_array_equal(embed_in_batches(spy, model, rows[:5], 8), rows[:5] * 2)
+  assert seen == [5]
+  seen.clear()
+  np.testing.assert_array_equal(embed_in_batches(spy, model, rows, 6), rows * 2)
+  assert seen == [6, 6, 6]
+
+
 def test_embeddings_load_names_what_is_wrong(tmp_path):
   with pytest.raises(FileNotFoundError, match="embeddings.npz does not exist"):
     embeddings.load(tmp_path / "embeddings.npz")

@@ -45,7 +45,8 @@ def model_mesh(model):
 
 
 def embed_in_batches(fn, model, array, batch_size: int) -> np.ndarray:
-  """Applies fn over the leading axis in fixed-size batches (the last one is
+  """Applies fn over the leading axis in fixed-size batches of batch_size
+  rows, or one batch of the whole array when it is shorter (the last one is
   padded with copies of its last row, dropped again, so a single compiled
   shape serves every call).
 
@@ -57,7 +58,9 @@ def embed_in_batches(fn, model, array, batch_size: int) -> np.ndarray:
   _embed_images and _embed_texts do) for every process to read them."""
   mesh = model_mesh(model)
   shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-  size = -(-batch_size // shards) * shards
+  # A set smaller than batch_size is one batch of its own length: padding 128
+  # examples to an eval.batch_size of 500 would embed 4x as many rows.
+  size = -(-min(batch_size, len(array)) // shards) * shards
   out = []
   for start in range(0, len(array), size):
     chunk = np.asarray(array[start:start + size])
