@@ -17,6 +17,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -69,13 +70,17 @@ def _http(args) -> int:
 
   def stop(signum, frame):
     del signum, frame
-    raise KeyboardInterrupt
+    # shutdown() returns once serve_forever has, so it runs beside it. Raising
+    # KeyboardInterrupt here instead lands in whatever the main thread runs at
+    # that moment: once in four SIGTERMs a weakref callback, which printed an
+    # "Exception ignored" traceback.
+    threading.Thread(target=server.shutdown, name="sigterm", daemon=True).start()
 
   signal.signal(signal.SIGTERM, stop)
   print(f"serving on {server.url}", flush=True)
   try:
     server.serve_forever()
-  except KeyboardInterrupt:
+  except KeyboardInterrupt:  # Ctrl-C
     pass
   finally:
     server.server_close()
