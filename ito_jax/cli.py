@@ -7,8 +7,9 @@ Two kinds of mistake are caught:
   `--config.FIELD=VALUE` override, a config file that does not load, an
   unknown `--config=FILE:ARG` (`parse_flags`);
 * while running: a `UserError` (an invalid config field, a bad export, an
-  input the tools refuse) or a missing file (`FileNotFoundError`), whose
-  messages name what is wrong and how to fix it.
+  input the tools refuse), whose message names what is wrong and how to fix
+  it, or a path that is missing or of the wrong kind (say --workdir naming a
+  file), whose message names the path.
 
 Anything else is a bug, and keeps its traceback.
 """
@@ -74,11 +75,16 @@ def parse_flags(argv: list[str]) -> list[str]:
   return args
 
 
+# A path the user gave that is missing, of the wrong kind, or not theirs to write.
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+
+
 def exit_on_user_error(fn: Callable, *args):
-  """fn(*args), with a UserError or FileNotFoundError ending the program as one line."""
+  """fn(*args), with a UserError or a path error ending the program as one line."""
   try:
     return fn(*args)
-  except (UserError, FileNotFoundError) as e:
+  except (UserError, *_PATH_ERRORS) as e:
     sys.exit(f"error: {message(e)}")
 
 

@@ -27,6 +27,13 @@ def test_a_mistake_is_one_message_not_a_traceback(tmp_path, args, want):
   assert rc == 1 and want in err and "Traceback" not in err, err[-2000:]
 
 
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  (tmp_path / "file").write_text("")
+  rc, err = _main("--config=configs/tiny_cpu.py", f"--workdir={tmp_path / 'file'}")
+  assert rc == 1 and "Traceback" not in err, err[-2000:]
+  assert f"error: [Errno 17] File exists: '{tmp_path / 'file'}'" in err
+
+
 def test_a_config_file_that_does_not_load_is_named(tmp_path):
   rc, err = _main("--config=configs/no_such_file.py", f"--workdir={tmp_path}")
   assert rc == 1 and "Traceback" not in err, err[-2000:]
