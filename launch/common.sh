@@ -49,3 +49,21 @@ pinned() {
   [[ -n $version ]] || die "requirements.txt pins no $1"
   printf '%s' "$version"
 }
+
+# usage: prints the running script's header comment (its documentation) and
+# exits 0, for -h / --help.
+usage() {
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  exit 0
+}
+
+# unknown_flag ARG: dies naming ARG, with the likely fix: flags for
+# ito_jax.main go after --, and every flag here takes its value after '='.
+unknown_flag() {
+  case $1 in
+    --config.*) die "$1 is a flag of ito_jax.main: put it after -- (... -- $1)" ;;
+    --*=*) die "unknown flag $1 (see $0 --help)" ;;
+    --*) die "unknown flag $1 (see $0 --help; a flag's value goes after '=', as in --config=FILE)" ;;
+    *) die "unexpected argument $1 (see $0 --help; flags for ito_jax.main go after --)" ;;
+  esac
+}

@@ -32,7 +32,8 @@ while (($#)); do
     --install=*) install=${1#*=} ;;
     --dry_run) DRY_RUN=1 ;;
     --) shift; extra=("$@"); break ;;
-    *) die "unknown flag $1 (see the header of $0)" ;;
+    -h | --help) usage ;;
+    *) unknown_flag "$1" ;;
   esac
   shift
 done

@@ -270,6 +270,20 @@ def test_gpu_rejects_bad_flags(fakes):
   assert result.returncode == 2 and "unknown flag --gpu=0" in result.stderr
 
 
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_single_host.sh", "slurm_multinode.sh"])
+def test_help_and_the_usual_flag_mistakes(script):
+  """--help prints the script's header; a space-separated value and an
+  ito_jax.main override before -- are each refused with their fix."""
+  env = dict(os.environ)
+  result = launch(script, "--help", env=env, check=False)
+  assert result.returncode == 0 and "--config" in result.stdout and "#" not in result.stdout[:200]
+  result = launch(script, "--config", "configs/tiny_cpu.py", env=env, check=False)
+  assert result.returncode == 2 and "a flag's value goes after '=', as in --config=FILE" in result.stderr
+  result = launch(script, "--config=c.py", "--config.total_steps=5", env=env, check=False)
+  assert result.returncode == 2
+  assert "--config.total_steps=5 is a flag of ito_jax.main: put it after --" in result.stderr
+
+
 # ---- Slurm ---------------------------------------------------------------------
 @pytest.mark.parametrize("nodelist,first", [
     ("node01", "node01"),
