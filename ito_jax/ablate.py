@@ -44,7 +44,7 @@ TABLE_KEYS = ("retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5", "retri
 def variant_config(full: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """The full-ITO config with the mechanisms `variant` leaves out switched off."""
   if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    raise cli.BadArgument(f"unknown variant {variant!r}; expected one of {VARIANTS}")
   c = ml_collections.ConfigDict(full.to_dict())
   c.lock()
   if variant in ("baseline", "fusion"):
@@ -65,7 +65,7 @@ def check_variants_differ(full: ml_collections.ConfigDict, variants) -> None:
   for v in variants:
     key = variant_config(full, v).to_json_best_effort(sort_keys=True)
     if key in seen:
-      raise ValueError(
+      raise cli.BadArgument(
           f"variants {seen[key]!r} and {v!r} train the same config: the given config has "
           f"multiple alignment {'on' if full.loss.num_image_views * full.loss.num_text_views > 1 else 'off'} "
           f"(loss.num_image_views x loss.num_text_views = {full.loss.num_image_views} x "
@@ -124,8 +124,8 @@ def finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
     return False
   if differ := _differences(run_dir, config):
     state = "finished earlier" if done else "holds an unfinished (preempted) run"
-    raise ValueError(f"{run_dir}: {state} with another config ({', '.join(differ[:5])} "
-                     "differ); use another --workdir or delete that run")
+    raise cli.BadArgument(f"{run_dir}: {state} with another config ({', '.join(differ[:5])} "
+                          "differ); use another --workdir or delete that run")
   return done
 
 
@@ -196,7 +196,9 @@ def run_ablation(full: ml_collections.ConfigDict, workdir: str, variants, seeds)
   # of the list must not cost the runs before it.
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown or not variants:
-    raise ValueError(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
+    raise cli.BadArgument(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
+  if repeated := sorted({v for v in variants if list(variants).count(v) > 1}):
+    raise cli.BadArgument(f"--variants: {repeated} named more than once")
   if not full.data.data_dir:  # one data set for all variants: generated once under DIR/data
     full.data.data_dir = os.path.join(workdir, "data")
   seeds = list(seeds or [full.seed])

@@ -17,7 +17,9 @@ Anything else is a bug, and keeps its traceback.
 from __future__ import annotations
 
 import ast
+import os
 import sys
+import traceback
 from typing import Callable
 
 from absl import app, flags
@@ -28,8 +30,9 @@ class UserError(Exception):
   the command-line tools print the message alone (`run`)."""
 
 
-# What ml_collections raises while it parses --config and its overrides.
-_PARSE_ERRORS = (AttributeError, KeyError, TypeError, ValueError, OSError)
+class BadArgument(UserError, ValueError):
+  """A flag or argument value a tool refuses (an unknown --variants name, a
+  --workdir holding runs of another config), named in the message."""
 
 
 def message(error: BaseException) -> str:
@@ -51,21 +54,43 @@ def message(error: BaseException) -> str:
   return text.strip()
 
 
+def _subclass_names(cls) -> set[str]:
+  return {cls.__name__}.union(*(_subclass_names(c) for c in cls.__subclasses__()))
+
+
+def _from_the_parser(error: BaseException) -> bool:
+  """Whether `error` was raised by absl or ml_collections themselves (an
+  override naming no field, a value of the wrong type), not by code in a
+  config file, which keeps its traceback."""
+  frames = traceback.extract_tb(error.__traceback__)[1:]  # the first is parse_flags'
+  return all(f"{os.sep}absl{os.sep}" in f.filename or f"{os.sep}ml_collections{os.sep}" in f.filename
+             for f in frames)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (app.parse_flags_with_usage), with the command-line
-  mistakes ml_collections raises reported in one line: a config file's own
-  error (absl would print the traceback ml_collections formats into it), a
-  misspelt override (a KeyError's repr), and a config file that does not
-  load (ml_collections raises that only when the config is first read)."""
+  mistakes reported in one line: an override naming no config field (a
+  KeyError's repr, with ml_collections' "Did you mean" when a field is
+  close), a UserError raised by a config file (an unknown ':ARG'; absl would
+  print the traceback ml_collections formats into its message), and a config
+  file that does not load (ml_collections raises that only when the config
+  is first read). A bug in a config file keeps its traceback."""
   try:
     args = flags.FLAGS(argv)
   except flags.Error as e:
     text = str(e)
     head, sep, trace = text.partition(": Error whilst parsing config file:")
-    if sep:  # keep the exception's last line, not the traceback above it
-      text = f"{head}: {trace.strip().splitlines()[-1].strip()}"
+    last = trace.strip().splitlines()[-1].strip() if sep else ""
+    if sep and last.split(":")[0].rsplit(".", 1)[-1] in _subclass_names(UserError):
+      text = f"{head}: {last}"  # the config file's own refusal, without the traceback above it
     sys.exit(f"error in the command line: {text}\nPass --helpshort or --helpfull to see help on flags.")
-  except _PARSE_ERRORS as e:
+  except (AttributeError, KeyError) as e:
+    if not _from_the_parser(e):
+      raise
+    sys.exit(f"error in the command line: a --config override names no config field: {message(e)}")
+  except (TypeError, ValueError) as e:
+    if not _from_the_parser(e):
+      raise
     sys.exit(f"error in the command line: {message(e)}")
   for name in list(flags.FLAGS):
     try:  # a config that failed to load raises on any attribute; other values do not

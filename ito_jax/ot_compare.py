@@ -46,7 +46,7 @@ def run_config(base: ml_collections.ConfigDict, variant: str, aligned_fraction: 
                data_dir: str) -> ml_collections.ConfigDict:
   """The base config with one run's objective and ρ."""
   if variant not in VARIANTS:
-    raise ValueError(f"--variants: unknown {variant!r}; expected some of {VARIANTS}")
+    raise cli.BadArgument(f"--variants: unknown {variant!r}; expected some of {VARIANTS}")
   c = base.copy_and_resolve_references()
   c.partial.aligned_fraction = aligned_fraction
   c.data.data_dir = data_dir
@@ -110,10 +110,10 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
   from ito_jax import train  # jax and the data stack load only when running
 
   if not base.partial.enabled:
-    raise ValueError("config.partial.enabled: ot_compare needs a partially aligned config")
+    raise cli.BadArgument("config.partial.enabled: ot_compare needs a partially aligned config")
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown or not variants:
-    raise ValueError(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
+    raise cli.BadArgument(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
   seeds = list(seeds or [base.seed])
   os.makedirs(workdir, exist_ok=True)
   data_dir = base.data.data_dir or os.path.join(workdir, "data")

@@ -19,7 +19,9 @@ def _main(*args, cwd=ROOT):
 
 
 @pytest.mark.parametrize("args, want", [
-    (["--config.total_stpes=4"], 'error in the command line: \'total_stpes\'\nDid you mean "total_steps"'),
+    (["--config.total_stpes=4"], 'error in the command line: a --config override names no config '
+                                 'field: \'total_stpes\'\nDid you mean "total_steps"'),
+    (["--config.bogus=1"], "error in the command line: a --config override names no config field: bogus"),
     (["--config.loss.name=hinge"], "error: config.loss.name: unknown loss 'hinge'"),
 ])
 def test_a_mistake_is_one_message_not_a_traceback(tmp_path, args, want):
@@ -39,6 +41,16 @@ def test_a_config_file_that_does_not_load_is_named(tmp_path):
   assert rc == 1 and "Traceback" not in err, err[-2000:]
   assert "error in the command line: --config: Failed loading config file" in err
   assert "No such file or directory: 'configs/no_such_file.py'" in err
+
+
+def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path):
+  """A config file reading a misspelt field is a bug in that file, not a
+  command-line mistake: the traceback names its line."""
+  (tmp_path / "buggy.py").write_text(
+      "from configs import tiny_cpu\n\n\ndef get_config(arg=None):\n"
+      "  c = tiny_cpu.get_config(arg)\n  c.model.image.width = c.model.image.widht\n  return c\n")
+  rc, err = _main(f"--config={tmp_path / 'buggy.py'}", f"--workdir={tmp_path / 'w'}")
+  assert rc == 1 and "Traceback" in err and f'{tmp_path / "buggy.py"}", line 6' in err, err[-2000:]
 
 
 def test_message_unwraps_ml_collections_errors():

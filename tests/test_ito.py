@@ -197,12 +197,16 @@ def test_ablation_over_seeds_reports_mean_and_spread():
 
 
 def test_an_unknown_variant_is_refused_before_any_training(config, tmp_path, monkeypatch):
-  """--variants=baseline,itoo fails naming 'itoo' before baseline trains."""
-  from ito_jax import ablate, train
+  """--variants=baseline,itoo fails naming 'itoo' before baseline trains, and
+  a variant named twice (it would train once and fill two rows) likewise;
+  both are one-line command-line errors (cli.BadArgument)."""
+  from ito_jax import ablate, cli, train
   trained = []
   monkeypatch.setattr(train, "train_and_evaluate", lambda config, run_dir: trained.append(run_dir))
   with pytest.raises(ValueError, match=r"--variants: unknown \['itoo'\]; expected some of"):
     ablate.run_ablation(config, str(tmp_path), ["baseline", "itoo"], [])
+  with pytest.raises(cli.BadArgument, match=r"--variants: \['ito'\] named more than once"):
+    ablate.run_ablation(config, str(tmp_path), ["ito", "baseline", "ito"], [])
   assert trained == [] and not list(tmp_path.iterdir())
 
 

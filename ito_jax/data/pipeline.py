@@ -32,6 +32,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from configs.validation import ConfigError
 from ito_jax.data import augment, bad_records, records, sources, synthetic
 from ito_jax.data.tokenizer import PAD_ID, Tokenizer
 
@@ -70,9 +71,9 @@ def _converted(path: str, field: str) -> sources.ArrayRecordSource:
   source = sources.ArrayRecordSource(path)
   if not len(source):
     m = source.manifest
-    raise ValueError(f'config.{field}: {path} holds no records ({m.get("num_read", 0)} read at '
-                     f'conversion, bad: {m.get("bad") or "none"}); convert data with records '
-                     'into it, or leave it out')
+    raise ConfigError(f'config.{field}: {path} holds no records ({m.get("num_read", 0)} read at '
+                      f'conversion, bad: {m.get("bad") or "none"}); convert data with records '
+                      'into it, or leave it out')
   return source
 
 
@@ -174,8 +175,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
   parts, weights = [], []
   for k, (source, weight) in enumerate(train_sources(config, data_dir)):
     if len(source) < process_count:
-      raise ValueError(f'data source {source.name!r} has {len(source)} records, fewer than '
-                       f'the {process_count} processes reading it')
+      raise ConfigError(f'data source {source.name!r} has {len(source)} records, fewer than '
+                        f'the {process_count} processes reading it')
     ds = shard(grain.MapDataset.source(source), process_index, process_count)
     ds = ds.seed(_per_process_seed(config.seed, process_index, k)).shuffle().repeat()
     parts.append(ds.random_map(TrainTransform(config, tokenizer, source.name)))
@@ -231,8 +232,8 @@ def eval_arrays(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: 
     counts.add_good(source.name, example.repairs)
     examples.append(example)
   if not examples:
-    raise ValueError(f'evaluation set {source.name!r}: none of its {len(source)} records is usable '
-                     f'{counts.by_kind()}')
+    raise ConfigError(f'evaluation set {source.name!r}: none of its {len(source)} records is usable '
+                      f'{counts.by_kind()}')
   if counts.num_bad():
     logging.warning('evaluation set %s: skipped %d bad records %s', source.name,
                     counts.num_bad(), counts.by_kind())
