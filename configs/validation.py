@@ -28,10 +28,12 @@ def require(ok: bool, field: str, message: str) -> None:
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1,
-             backend: str | None = None) -> None:
+             backend: str | None = None, evaluates: bool = True) -> None:
   """Raises ConfigError naming the first invalid field. Runs before compiling.
   `backend` (jax.default_backend()), when given, is checked against settings
-  that need one: model.attention = 'cudnn' runs only on GPUs."""
+  that need one: model.attention = 'cudnn' runs only on GPUs. `evaluates`:
+  whether the caller runs the held-out evaluation (bench does not, so it
+  takes data.sources without a data.eval_source)."""
   for field in ("total_steps", "seed"):
     require(isinstance(c[field], int) and c[field] >= 0, field,
             f"must be a non-negative integer, got {c[field]!r}")
@@ -196,7 +198,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
     require(ok and bool(entry if isinstance(entry, str) else entry[0]), f"data.sources[{i}]",
             f"expected 'DIR' or ('DIR', weight > 0), got {entry!r}")
   require(isinstance(d.eval_source, str), "data.eval_source", f"must be a path string, got {d.eval_source!r}")
-  require(d.eval_source or not d.sources, "data.eval_source",
+  require(d.eval_source or not d.sources or not evaluates, "data.eval_source",
           "is empty while data.sources is set, so held-out evaluation would run on the synthetic "
           f"{d.dataset} set, not on your data; convert a held-out part of it "
           "(python -m ito_jax.data.convert) and set data.eval_source to that directory")

@@ -75,7 +75,8 @@ class CompiledStep:
   """A compiled train step with its state and a fixed batch, ready to time."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    common.validate(config, jax.device_count(), jax.process_count(), jax.default_backend())
+    common.validate(config, jax.device_count(), jax.process_count(), jax.default_backend(),
+                    evaluates=False)
     if config.ot.start_step > 0:
       # The state starts at step 0, where R_ot has not started (a lax.cond skips
       # it before ot.start_step); time the step that most of a run takes.

@@ -255,6 +255,7 @@ def test_config_checks_name_the_data_field():
                      r"data\.sources is set, so held-out evaluation would run on the synthetic "
                      r"ito_shapes set"):
     common.validate(config)
+  common.validate(config, evaluates=False)  # bench: no held-out evaluation
   config.data.eval_source = '/held_out'
   common.validate(config)
   assert pipeline.configured_sources(config) == [('/a', 1.0), ('/b', 2.0)]
