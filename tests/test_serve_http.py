@@ -237,6 +237,8 @@ def test_a_known_path_asked_with_another_method_is_405_with_allow(modelless_serv
   assert (response.status, response.getheader("Allow")) == (405, allow), reply
   assert f"{method} is not supported on {path!r}; use {allow} {path}" in reply["error"]
   assert request(modelless_server, "GET", "/health")[0] == 200
+  if method not in ("GET", "POST"):  # on a path that does not exist, the path is what is wrong
+    assert request(modelless_server, method, "/nope") == (404, {"error": "no such path '/nope'"})
 
 
 @pytest.mark.parametrize("raw, want_status, message", [

@@ -358,6 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
       self._discard(self._content_length())
     except RequestError:
       pass
+    if self.path not in METHODS:  # no method answers there: the path is what is wrong
+      return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}"}, close=True)
     e = _wrong_method(self.command, self.path)
     self._reply(e.status, {"error": str(e)}, close=True, headers=e.headers)
 
