@@ -8,6 +8,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.slow  # each test starts python processes
+
 
 @pytest.mark.parametrize("flags,message", [
     (["--steps=-1"], "--steps=-1: must be >= 0"),

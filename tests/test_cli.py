@@ -18,6 +18,7 @@ def _main(*args, cwd=ROOT):
   return proc.returncode, proc.stderr
 
 
+@pytest.mark.slow  # starts ito_jax.main
 @pytest.mark.parametrize("args, want", [
     (["--config.total_stpes=4"], 'error in the command line: a --config override names no config '
                                  'field: \'total_stpes\'\nDid you mean "total_steps"'),
@@ -29,6 +30,7 @@ def test_a_mistake_is_one_message_not_a_traceback(tmp_path, args, want):
   assert rc == 1 and want in err and "Traceback" not in err, err[-2000:]
 
 
+@pytest.mark.slow  # starts ito_jax.main
 def test_a_workdir_that_is_a_file_is_named(tmp_path):
   (tmp_path / "file").write_text("")
   rc, err = _main("--config=configs/tiny_cpu.py", f"--workdir={tmp_path / 'file'}")
@@ -36,6 +38,7 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
   assert f"error: [Errno 17] File exists: '{tmp_path / 'file'}'" in err
 
 
+@pytest.mark.slow  # starts ito_jax.main
 def test_a_config_file_that_does_not_load_is_named(tmp_path):
   rc, err = _main("--config=configs/no_such_file.py", f"--workdir={tmp_path}")
   assert rc == 1 and "Traceback" not in err, err[-2000:]
@@ -43,6 +46,7 @@ def test_a_config_file_that_does_not_load_is_named(tmp_path):
   assert "No such file or directory: 'configs/no_such_file.py'" in err
 
 
+@pytest.mark.slow  # starts ito_jax.main
 def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path):
   """A config file reading a misspelt field is a bug in that file, not a
   command-line mistake: the traceback names its line."""

@@ -14,6 +14,8 @@ import pytest
 
 from test_sharding import HERE, finish, start
 
+pytestmark = pytest.mark.slow  # each test starts python processes
+
 
 @pytest.fixture(scope="module")
 def placement():
