@@ -57,8 +57,19 @@ def variant_config(full: ml_collections.ConfigDict, variant: str) -> ml_collecti
   return c
 
 
+def check_variant_names(variants, known) -> None:
+  """Refuses a --variants list with a name outside `known`, or one named twice
+  (it would train once and fill two rows). Run before the first variant
+  trains: a typo at the end of the list must not cost the runs before it."""
+  unknown = [v for v in variants if v not in known]
+  if unknown or not variants:
+    raise cli.BadArgument(f"--variants: unknown {unknown}; expected some of {known}")
+  if repeated := sorted({v for v in variants if list(variants).count(v) > 1}):
+    raise cli.BadArgument(f"--variants: {repeated} named more than once")
+
+
 def check_variants_differ(full: ml_collections.ConfigDict, variants) -> None:
-  """Raises ValueError when two of `variants` would train the same config:
+  """Raises cli.BadArgument when two of `variants` would train the same config:
   the given config lacks a mechanism they tell apart, so their rows would
   compare a run with itself."""
   seen = {}
@@ -192,13 +203,7 @@ def run_ablation(full: ml_collections.ConfigDict, workdir: str, variants, seeds)
   before any table is written; the same call resumes it."""
   from ito_jax import train  # jax and the data stack load only when running
 
-  # Every name is checked before the first variant trains: a typo at the end
-  # of the list must not cost the runs before it.
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown or not variants:
-    raise cli.BadArgument(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
-  if repeated := sorted({v for v in variants if list(variants).count(v) > 1}):
-    raise cli.BadArgument(f"--variants: {repeated} named more than once")
+  check_variant_names(variants, VARIANTS)
   if not full.data.data_dir:  # one data set for all variants: generated once under DIR/data
     full.data.data_dir = os.path.join(workdir, "data")
   seeds = list(seeds or [full.seed])

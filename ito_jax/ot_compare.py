@@ -111,9 +111,7 @@ def compare(base: ml_collections.ConfigDict, workdir: str, variants, fractions,
 
   if not base.partial.enabled:
     raise cli.BadArgument("config.partial.enabled: ot_compare needs a partially aligned config")
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown or not variants:
-    raise cli.BadArgument(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
+  ablate.check_variant_names(variants, VARIANTS)
   seeds = list(seeds or [base.seed])
   os.makedirs(workdir, exist_ok=True)
   data_dir = base.data.data_dir or os.path.join(workdir, "data")

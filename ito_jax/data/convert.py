@@ -75,7 +75,7 @@ class Options:
     for name in ('records_per_shard', 'max_image_pixels', 'max_caption_chars'):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
-        raise ValueError(f'--{name}={value}: must be a positive integer')
+        raise cli.BadArgument(f'--{name}={value}: must be a positive integer')
 
 
 def shard_name(index: int, count: int) -> str:
@@ -180,7 +180,7 @@ def convert(kind: str, input_path: str, output: str, options: Options = Options(
   input and options found in `output`; refuses one of anything else.
   """
   if num_workers < 1:
-    raise ValueError(f'--num_workers={num_workers}: must be a positive integer')
+    raise cli.BadArgument(f'--num_workers={num_workers}: must be a positive integer')
   source = make_input(kind, input_path, **input_args)
   tasks = source.tasks(options.records_per_shard)
   plan = {'kind': kind, 'input': source.describe(), 'options': dataclasses.asdict(options),
@@ -294,14 +294,9 @@ def main(argv):
   if _CLASS_NAMES.value:
     with open(_CLASS_NAMES.value) as f:
       class_names = [line.strip() for line in f if line.strip()]
-  try:
-    options = Options(records_per_shard=_RECORDS_PER_SHARD.value, validate=_VALIDATE.value,
-                      caption_template=_TEMPLATE.value, max_image_pixels=_MAX_PIXELS.value,
-                      max_caption_chars=_MAX_CHARS.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if _WORKERS.value < 1:
-    raise app.UsageError(f'--num_workers={_WORKERS.value}: must be a positive integer')
+  options = Options(records_per_shard=_RECORDS_PER_SHARD.value, validate=_VALIDATE.value,
+                    caption_template=_TEMPLATE.value, max_image_pixels=_MAX_PIXELS.value,
+                    max_caption_chars=_MAX_CHARS.value)  # refuses bad counts (cli.BadArgument)
   extra = ({'captions': _CAPTIONS.value, 'class_names': class_names} if _KIND.value == 'folder' else
            {'split': _SPLIT.value,
             # bash leaves the ~ of --flag=~/dir alone; TFDS would keep it literally

@@ -240,10 +240,10 @@ METHODS = {"/health": "GET", "/embed/text": "POST", "/embed/image": "POST"}
 
 
 def _wrong_method(method: str, path: str) -> RequestError:
-  allowed = METHODS.get(path, "GET, POST")
-  where = f"{allowed} {path}" if path in METHODS else "GET /health or POST /embed/..."
+  """405 for `method` on `path`, one of METHODS' paths."""
+  allowed = METHODS[path]
   return RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not supported on {path!r}; "
-                      f"use {where}", headers={"Allow": allowed})
+                      f"use {allowed} {path}", headers={"Allow": allowed})
 
 
 class _Handler(BaseHTTPRequestHandler):
