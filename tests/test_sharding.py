@@ -59,6 +59,20 @@ def test_single_shard_terms_equal_the_reference_losses():
     close(ours[key], theirs[key])
 
 
+def test_ring_sigmoid_runs_in_float64():
+  """Under x64 the ring's running sum is float64 like each step's, so the
+  scan's carry types match and the value is the reference's to 1e-12."""
+  rng = np.random.default_rng(1)
+  with jax.enable_x64(True):
+    img = jnp.asarray(np.asarray(unit(rng, 5, 2, 4), np.float64))
+    txt = jnp.asarray(np.asarray(unit(rng, 5, 1, 4), np.float64))
+    scale, bias = jnp.float64(6.0), jnp.float64(-1.5)
+    ours = sharded.sigmoid_alignment_ring(img, txt, scale, bias, axis=None)
+    assert ours.dtype == jnp.float64
+    np.testing.assert_allclose(ours, contrastive.sigmoid_loss(img, txt, scale, bias),
+                               rtol=1e-12)
+
+
 def test_mining_in_pools_is_mining_on_each_diagonal_block():
   rng = np.random.default_rng(1)
   sim = jnp.asarray(rng.normal(size=(6, 6)).astype(np.float32))

@@ -144,7 +144,11 @@ def sigmoid_alignment_ring(image_emb, text_emb, scale, bias, *, axis):
       chunk = jax.lax.ppermute(chunk, axis, [(i, (i + 1) % shards) for i in range(shards)])
     return (chunk, total), None
 
-  total = jnp.zeros((), jnp.float32)
+  # The running sum has the dtype of one step's sum (float64 under x64): a
+  # float32 carry would not match the scan body's output there.
+  step_sum = jax.eval_shape(contrastive.sigmoid_pair_loss_sum, images, texts, image_ids,
+                            chunk_ids, scale, bias)
+  total = jnp.zeros((), step_sum.dtype)
   if axis is not None:
     total = jax.lax.pcast(total, axis, to="varying")  # a per-shard partial sum
   (_, total), _ = jax.lax.scan(visit, (texts, total), jnp.arange(shards))
