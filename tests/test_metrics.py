@@ -169,6 +169,38 @@ def test_a_set_shorter_than_the_eval_batch_is_embedded_unpadded():
   assert seen == [6, 6, 6]
 
 
+def test_eval_batches_are_dispatched_before_the_previous_one_is_read():
+  """Batch k+1 is handed to the device before batch k's embeddings are read
+  back (so the host prepares it while the device works), and no more than one
+  batch waits unread. An empty array is refused by name."""
+  from flax import nnx
+  from ito_jax.evaluate.evaluator import embed_in_batches
+  from ito_jax.models.ito import ItoModel
+  with nnx.use_eager_sharding(False):
+    model = ItoModel(tiny_cpu.get_config("runlocal").model, rngs=nnx.Rngs(0))
+  events = []
+
+  class Result:
+    def __init__(self, k, rows):
+      self.k, self.rows = k, rows
+
+    def __array__(self, dtype=None, copy=None):
+      events.append(f"read {self.k}")
+      return np.asarray(self.rows) * 2
+
+  def spy(model, rows):
+    k = sum(e.startswith("embed") for e in events)
+    events.append(f"embed {k}")
+    return Result(k, rows)
+
+  rows = np.arange(13, dtype=np.float32)[:, None]
+  np.testing.assert_array_equal(embed_in_batches(spy, model, rows, 4), rows * 2)
+  assert events == ["embed 0", "embed 1", "read 0", "embed 2", "read 1", "embed 3", "read 2",
+                    "read 3"]
+  with pytest.raises(ValueError, match="no rows to embed"):
+    embed_in_batches(spy, model, rows[:0], 4)
+
+
 def test_embeddings_load_names_what_is_wrong(tmp_path):
   with pytest.raises(FileNotFoundError, match="embeddings.npz does not exist"):
     embeddings.load(tmp_path / "embeddings.npz")

@@ -56,12 +56,15 @@ def embed_in_batches(fn, model, array, batch_size: int) -> np.ndarray:
   Every process holds the whole held-out set, so each fills the shards of its
   own devices from it; fn must return its embeddings replicated (as
   _embed_images and _embed_texts do) for every process to read them."""
+  if len(array) == 0:
+    raise ValueError("embed_in_batches: the array has no rows to embed")
   mesh = model_mesh(model)
   shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   # A set smaller than batch_size is one batch of its own length: padding 128
   # examples to an eval.batch_size of 500 would embed 4x as many rows.
   size = -(-min(batch_size, len(array)) // shards) * shards
   out = []
+  pending = None  # the previous batch's (embeddings still on device, rows kept)
   for start in range(0, len(array), size):
     chunk = np.asarray(array[start:start + size])
     n = len(chunk)
@@ -74,7 +77,13 @@ def embed_in_batches(fn, model, array, batch_size: int) -> np.ndarray:
                                             lambda index, chunk=chunk: chunk[index])
       with jax.set_mesh(mesh):  # the towers' batch constraints (sharding.constrain_batch)
         emb = fn(model, placed)
-    out.append(np.asarray(emb)[:n])
+    # Batch k is dispatched before batch k-1 is read back, so the host slices
+    # and places batch k while the device embeds k-1; no more than one batch
+    # waits unread, which keeps device memory bounded.
+    if pending is not None:
+      out.append(np.asarray(pending[0])[:pending[1]])
+    pending = (emb, n)
+  out.append(np.asarray(pending[0])[:pending[1]])
   return np.concatenate(out)
 
 
