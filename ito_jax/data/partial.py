@@ -154,7 +154,7 @@ class ImageTransform(grain.transforms.RandomMap):
     try:
       if element.corrupt:
         raise records.BadRecord('corrupt_record', element.corrupt)
-      image, repair = records.decode_image(element.image, self.limits.max_image_pixels)
+      image, repairs = records.decode_image(element.image, self.limits.max_image_pixels)
     except records.BadRecord as e:
       return bad_records.Bad(self.source, e.kind, element.id, e.detail)
     views = []
@@ -162,7 +162,7 @@ class ImageTransform(grain.transforms.RandomMap):
       flipped = np.ascontiguousarray(image[:, ::-1]) if self.flip and rng.random() < 0.5 else image
       views.append(augment.image_view(flipped, rng, self.image_size, self.crop_scale))  # [H, W, 3]
     return {'unaligned_images': np.stack(views),  # [V, H, W, 3]
-            bad_records.META_KEY: (self.source, (repair,) if repair else ())}
+            bad_records.META_KEY: (self.source, repairs)}
 
 
 class TextTransform(grain.transforms.RandomMap):

@@ -16,7 +16,8 @@ that order. No pickle: any reader in any language can parse it.
 strings) or raises `BadRecord(kind, ...)`. What can be repaired is repaired and
 reported in `Example.repairs` (CMYK, 16-bit, grayscale, palette and alpha images
 convert to RGB; bad captions among good ones are dropped; a photo's EXIF
-orientation is applied, so it is upright as a viewer shows it); what cannot is one of
+orientation is applied, so it is upright as a viewer shows it, and an EXIF
+block Pillow can read only in part is `corrupt_exif`); what cannot is one of
 `BAD_KINDS`. Training counts both (see `ito_jax.data.bad_records`).
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import struct
 import warnings
 
@@ -179,8 +181,43 @@ def upright(img: Image.Image) -> Image.Image:
   return img if orientation == 1 else ImageOps.exif_transpose(img)
 
 
-def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, str | None]:
-  """Encoded bytes -> ([H, W, 3] uint8 RGB, repair or None); raises BadRecord.
+def _is_metadata_warning(w: warnings.WarningMessage) -> bool:
+  """Pillow's warnings from its TIFF directory parser, which reads every EXIF
+  block ('Corrupt EXIF data', 'Tag offset too large', ...): it skipped broken
+  tags and kept the rest."""
+  return (issubclass(w.category, UserWarning)
+          and os.path.basename(w.filename) == 'TiffImagePlugin.py')
+
+
+def _open_upright(data: bytes, max_pixels: int) -> Image.Image:
+  """Opens, checks the size from the header alone, decodes and rotates upright;
+  raises BadRecord."""
+  try:
+    img = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise BadRecord('image_too_large', str(e)) from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    kind = 'corrupt_image' if data.startswith(_SIGNATURES) or data[8:12] == b'WEBP' else 'not_an_image'
+    # Not str(e): PIL's message names the BytesIO's address, which would make
+    # the logged detail differ from run to run.
+    raise BadRecord(kind, f'{len(data)} bytes starting {data[:8]!r}: {type(e).__name__}') from None
+  width, height = img.size
+  if width * height > max_pixels:
+    raise BadRecord('image_too_large', f'{width}x{height} > {max_pixels} pixels')
+  if width == 0 or height == 0:
+    raise BadRecord('corrupt_image', f'{width}x{height}')
+  try:
+    img.load()
+  except Exception as e:  # pylint: disable=broad-except
+    # Decoders raise OSError, SyntaxError, ValueError, struct.error, zlib.error,
+    # ...: every failure here is a broken file, never a reason to stop.
+    kind = 'truncated_image' if 'truncated' in str(e).lower() else 'corrupt_image'
+    raise BadRecord(kind, f'{img.format} {width}x{height}: {e}') from None
+  return upright(img)
+
+
+def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, tuple[str, ...]]:
+  """Encoded bytes -> ([H, W, 3] uint8 RGB, repairs); raises BadRecord.
 
   The size check reads only the header (PIL opens lazily), so a decompression
   bomb is rejected before any pixel is allocated.
@@ -194,36 +231,26 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, str |
     # before our check: raised once, process-wide, only as far as a configured
     # limit asks, so our limit decides.
     Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
-  with warnings.catch_warnings():
-    # Our own limit decides; PIL's DecompressionBombWarning would only be noise.
-    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-    try:
-      img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-      raise BadRecord('image_too_large', str(e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-      kind = 'corrupt_image' if data.startswith(_SIGNATURES) or data[8:12] == b'WEBP' else 'not_an_image'
-      # Not str(e): PIL's message names the BytesIO's address, which would make
-      # the logged detail differ from run to run.
-      raise BadRecord(kind, f'{len(data)} bytes starting {data[:8]!r}: {type(e).__name__}') from None
-    width, height = img.size
-    if width * height > max_pixels:
-      raise BadRecord('image_too_large', f'{width}x{height} > {max_pixels} pixels')
-    if width == 0 or height == 0:
-      raise BadRecord('corrupt_image', f'{width}x{height}')
-    try:
-      img.load()
-    except Exception as e:  # pylint: disable=broad-except
-      # Decoders raise OSError, SyntaxError, ValueError, struct.error, zlib.error,
-      # ...: every failure here is a broken file, never a reason to stop.
-      kind = 'truncated_image' if 'truncated' in str(e).lower() else 'corrupt_image'
-      raise BadRecord(kind, f'{img.format} {width}x{height}: {e}') from None
-    img = upright(img)
+  caught = []
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      # Our own limit decides; PIL's DecompressionBombWarning would only be noise.
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      img = _open_upright(data, max_pixels)
+  finally:  # warnings not about the image's bytes are passed on as they came
+    for w in caught:
+      if not _is_metadata_warning(w):
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  # A JPEG's EXIF block is parsed at open, a PNG's by upright: Pillow warns of
+  # a broken one (a viewer then shows the image as stored unless the
+  # orientation tag survived), which is counted, not printed.
+  repairs = ('corrupt_exif',) if any(_is_metadata_warning(w) for w in caught) else ()
   try:
     pixels, repair = to_rgb(img)
   except (ValueError, OSError) as e:
     raise BadRecord('unsupported_mode', f'mode {img.mode}: {e}') from None
-  return np.ascontiguousarray(pixels), repair
+  return np.ascontiguousarray(pixels), repairs + ((repair,) if repair else ())
 
 
 # ----------------------------------------------------------------- captions
@@ -265,8 +292,8 @@ def parse(record: RawRecord, limits: Limits, require_captions: bool = True) -> E
   """RawRecord -> Example, repairing what can be repaired; raises BadRecord."""
   if record.corrupt:
     raise BadRecord('corrupt_record', record.corrupt)
-  image, repair = decode_image(record.image, limits.max_image_pixels)
+  image, repairs = decode_image(record.image, limits.max_image_pixels)
   texts, dropped = decode_captions(record.captions, limits.max_caption_chars, require_captions)
-  repairs = ((repair,) if repair else ()) + tuple(f'dropped_{k}' for k in dropped)
+  repairs += tuple(f'dropped_{k}' for k in dropped)
   label = -1 if record.label is None else int(record.label)
   return Example(id=record.id, image=image, captions=texts, label=label, repairs=repairs)
