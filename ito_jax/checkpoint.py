@@ -190,6 +190,14 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    # The manager's constructor starts removing earlier runs' half-written
+    # temporary directories in a background thread, which only its save()
+    # waits for, not close(): a run refused at start-up (a bad source, say)
+    # would exit with that thread running, and it logs a traceback when the
+    # interpreter shuts down under it. Waited for here, so it has finished.
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self.manager.wait_until_finished()
     self.manager.close()
 

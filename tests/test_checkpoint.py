@@ -267,3 +267,23 @@ def test_total_steps_below_the_latest_checkpoint_is_refused(tiny_reference_run, 
                      f"step {tiny_run.TOTAL_STEPS} of the latest checkpoint"):
     train.train_and_evaluate(config, workdir)
   assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def test_close_waits_for_the_start_up_cleanup_of_temporary_directories(tmp_path, monkeypatch):
+  """The manager removes half-written saves of earlier runs in a background
+  thread; close() returns only once that has finished, so a run refused right
+  after start-up does not exit under it (which logged a traceback)."""
+  import asyncio
+  from orbax.checkpoint import checkpoint_manager
+
+  finished = []
+
+  async def slow_cleanup(directory, **kwargs):
+    await asyncio.sleep(0.5)
+    finished.append(str(directory))
+
+  monkeypatch.setattr(checkpoint_manager.temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert finished == []  # still running in the background
+  ckpt.close()
+  assert finished == [str(ckpt.directory)]
