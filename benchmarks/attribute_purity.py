@@ -26,7 +26,7 @@ def attribute_purity(image: np.ndarray, text: np.ndarray, labels: np.ndarray) ->
 
 
 def main(run_dirs):
-  if not run_dirs:
+  if not run_dirs or any(a in ("-h", "--help") for a in run_dirs):
     sys.exit(__doc__)
   for run_dir in run_dirs:
     path = os.path.join(run_dir, "embeddings.npz")

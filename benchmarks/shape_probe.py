@@ -7,7 +7,7 @@ evaluation view as input. Prints held-out accuracy. This bounds what any
 image–text objective can teach the same tower in the same number of steps:
 with 4-pixel patches the tiny tower of `configs/ot_partial_tiny_cpu.py`
 learns shape slowly even from the labels themselves (docs/ot_experiments.md).
-`--num_train=400` limits the labels to as many images as a ρ = 5% run has
+`--num_train=400` limits the labels to as many images as a ρ = 5%% run has
 aligned pairs.
 
   python benchmarks/shape_probe.py --config=configs/ot_partial_tiny_cpu.py \\

@@ -74,7 +74,10 @@ def main(argv):
     print(f"\nPreempted: checkpoint of step {metrics['step']} saved in "
           f"{os.path.join(_WORKDIR.value, 'checkpoints')}; rerun the same command to resume.")
     return
-  print(f"\nHeld-out evaluation ({_CONFIG.value.eval.split} split), {os.path.join(_WORKDIR.value, 'eval.json')}:")
+  config = _CONFIG.value
+  held_out = (config.data.eval_source if config.data.eval_source
+              else f"{config.eval.split} split")
+  print(f"\nHeld-out evaluation ({held_out}), {os.path.join(_WORKDIR.value, 'eval.json')}:")
   print(format_table(metrics))
 
 
