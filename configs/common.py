@@ -25,6 +25,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 128  # global batch (samples, each with M image and N text views).
   c.checkpoint_every_steps = 500  # async orbax save to WORKDIR/checkpoints every this many steps (> 0).
   c.keep_checkpoints = 3  # most recent checkpoints kept on disk (>= 1).
+  # An export directory (WORKDIR/export of an earlier run, or gs://...): a run
+  # with no checkpoint yet starts from its image and text towers, projections,
+  # temperature and bias, and uses its tokenizer; the fusion head, if any,
+  # starts fresh. The towers' sizes must match the export's. A run that resumes
+  # reads its checkpoint instead. "" initialises at random.
+  c.init_from = ""
 
   # ---- model ----------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -194,6 +200,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the gradient stays exactly the global batch's (every sample contrasted
   # with all others; ito_jax/accumulation.py). Costs a second tower forward.
   o.accumulation_steps = 1
+  # Towers that are not trained: "image" and/or "text" (LiT: ("image",) with
+  # init_from). A locked tower and its projection keep their initial values,
+  # get no gradient (so no backward pass) and no optimizer state; the other
+  # tower, the temperature, the bias and the fusion head train.
+  o.locked = ()
 
   # ---- data -----------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()

@@ -13,9 +13,11 @@ from ito_jax.cli import UserError
 from ito_jax.data.augment import EVAL_RESIZE_MODES
 from ito_jax.losses.sharded import SIGMOID_VARIANTS
 from ito_jax.models import vit as vit_lib
+from ito_jax.models.ito import TOWER_PARAMS
 
 LOSSES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
+TOWERS = tuple(TOWER_PARAMS)  # what optim.locked may name
 
 
 class ConfigError(UserError, ValueError):
@@ -165,6 +167,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   for field in ("b1", "b2"):
     require(0 <= o[field] < 1, f"optim.{field}", f"must be in [0, 1), got {o[field]}")
   require(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+  locked = o.locked
+  require(isinstance(locked, (tuple, list)) and all(t in TOWERS for t in locked)
+          and len(set(locked)) == len(locked), "optim.locked",
+          f"must name each of {TOWERS} at most once, got {locked!r}")
+  require(isinstance(c.init_from, str), "init_from",
+          f"must be an export directory (a string; \"\" for none), got {c.init_from!r}")
   steps = o.accumulation_steps
   require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
           "optim.accumulation_steps", f"must be an integer >= 1, got {steps!r}")

@@ -41,6 +41,7 @@ import ml_collections
 from flax import nnx
 
 from ito_jax import objective, objective_ot, sharding
+from ito_jax.models.ito import trainable_filter
 
 ALIGNED_INPUTS = ("images", "tokens", "patch_keep")  # the batch entries embed_batch reads
 
@@ -52,14 +53,20 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
   microbatches (1: in one pass, as nnx.value_and_grad)."""
   loss_fn = lambda m: objective.compute_loss(m, batch, config, mesh, step=step)
   steps = config.optim.accumulation_steps
+  # Only the trained parameters are differentiated: a locked tower
+  # (optim.locked) gets no backward pass at all.
+  trainable = trainable_filter(config.optim.locked)
   if steps == 1:
-    return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)(model)
 
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, trainable, ...)
   keys = ["image_emb", "text_emb"]
   if objective.uses_tokens(model, config):
     keys += ["image_tokens", "text_tokens", "text_mask"]
-  differentiable = [k for k in keys if k != "text_mask"]
+  # A locked tower's outputs need no gradient, so no second pass through it.
+  differentiable = [k for k in keys if k != "text_mask"
+                    and not (k.startswith("image") and "image" in config.optim.locked)
+                    and not (k.startswith("text") and "text" in config.optim.locked)]
   inputs = [k for k in ALIGNED_INPUTS if k in batch]
   pools = objective_ot.uses_unaligned(config)
   if pools:
@@ -67,7 +74,8 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
     inputs += [objective_ot.UNALIGNED_KEEP] * (objective_ot.UNALIGNED_KEEP in batch)
     # A modality held fixed by ot.stop_gradient needs no second pass.
     differentiable += [k for k, modality in zip(objective_ot.UNALIGNED_OUTPUTS, ("image", "text"))
-                       if modality != config.ot.stop_gradient]
+                       if modality != config.ot.stop_gradient
+                       and modality not in config.optim.locked]
   # Before ot.start_step the unaligned batches are not encoded (as in one pass).
   active = objective_ot.is_active(config, step)
 

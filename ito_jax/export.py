@@ -293,9 +293,19 @@ def _read_params(export_dir, manifest: dict) -> dict:
   return params
 
 
-def load(export_dir: str) -> Export:
-  """Validates and loads an export onto the default device. Raises
-  ExportError (naming the file and parameter) on any inconsistency."""
+@dataclasses.dataclass
+class Weights:
+  """A validated export, read to the host: nothing placed on a device yet."""
+  model_config: ml_collections.ConfigDict
+  params: dict  # {"image_tower/...": np.ndarray}, the names flatten() gives
+  tokenizer: Tokenizer
+  tokenizer_bytes: bytes
+  manifest: dict
+
+
+def read(export_dir: str) -> Weights:
+  """Validates an export and reads it to the host. Raises ExportError (naming
+  the file and parameter) on any inconsistency."""
   export_dir = _path(export_dir)
   if not export_dir.is_dir():
     raise ExportError(f"bad export {export_dir}: not a directory")
@@ -311,9 +321,7 @@ def load(export_dir: str) -> Export:
   params = _read_params(export_dir, manifest)
 
   # The config must describe exactly these weights: same names, shapes, dtypes.
-  model = abstract_model(model_config)
-  abstract_params = nnx.to_pure_dict(nnx.state(model, ito.encoder_filter()))
-  expected = flatten(abstract_params)
+  expected = flatten(abstract_encoder_params(model_config))
   problems = [f"{n} is in the weights but not in the model the config builds"
               for n in sorted(set(params) - set(expected))]
   problems += [f"{n} is missing from the weights" for n in sorted(set(expected) - set(params))]
@@ -346,12 +354,20 @@ def load(export_dir: str) -> Export:
   if vocab > model_config.text.vocab_size:
     _fail(export_dir, TOKENIZER, f"{vocab} pieces, more than {CONFIG} text.vocab_size "
                                  f"{model_config.text.vocab_size}")
+  return Weights(model_config, params, tokenizer, tokenizer_bytes, manifest)
 
-  # Everything checked: now build.
+
+def load(export_dir: str) -> Export:
+  """Validates and loads an export onto the default device (`read`'s checks;
+  no half-loaded model is ever returned)."""
+  weights = read(export_dir)
+  model = abstract_model(weights.model_config)
   graphdef, state = nnx.split(model)
+  abstract_params = nnx.to_pure_dict(nnx.state(model, ito.encoder_filter()))
   nnx.replace_by_pure_dict(state, unflatten_like(
-      abstract_params, {k: jnp.asarray(v) for k, v in params.items()}))
-  return Export(nnx.merge(graphdef, state), model_config, tokenizer, manifest)
+      abstract_params, {k: jnp.asarray(v) for k, v in weights.params.items()}))
+  return Export(nnx.merge(graphdef, state), weights.model_config, weights.tokenizer,
+                weights.manifest)
 
 
 if __name__ == "__main__":

@@ -104,9 +104,41 @@ def forward_flops_per_example(config: ml_collections.ConfigDict) -> dict:
   return parts
 
 
+def locked_forward_flops(config: ml_collections.ConfigDict) -> float:
+  """Forward FLOPs per example of the towers `optim.locked` names, projections
+  and the unaligned batches R_ot embeds included: the part of the forward
+  pass with no backward pass (nothing below a locked tower trains)."""
+  locked = config.optim.get("locked", ())
+  if not locked:
+    return 0.0
+  m, loss = config.model, config.loss
+  img, txt = m.image, m.text
+  parts = forward_flops_per_example(config)
+  unaligned = "unaligned_towers" in parts
+  share = (config.partial.unaligned_batch_size * config.partial.unaligned_views / config.batch_size
+           if unaligned else 0.0)
+  total = 0.0
+  if "image" in locked:
+    tokens = (vit.kept_patches(img) if unaligned and config.partial.unaligned_patch_dropout
+              else (img.image_size // img.patch_size) ** 2)
+    unaligned_view = (stem_forward_flops(img) + encoder_forward_flops(
+        tokens, img.width, img.depth, int(img.width * img.mlp_ratio)) + 2 * m.embed_dim * img.width)
+    total += (parts["patch_embed"] + parts["image_encoder"]
+              + 2 * m.embed_dim * loss.num_image_views * img.width + share * unaligned_view)
+  if "text" in locked:
+    unaligned_view = (encoder_forward_flops(txt.context_length, txt.width, txt.depth,
+                                            int(txt.width * txt.mlp_ratio))
+                      + 2 * m.embed_dim * txt.width)
+    total += (parts["text_encoder"] + 2 * m.embed_dim * loss.num_text_views * txt.width
+              + share * unaligned_view)
+  return total
+
+
 def train_flops_per_example(config: ml_collections.ConfigDict) -> float:
-  """Model FLOPs of one train step per example: 3 × forward."""
-  return 3.0 * sum(forward_flops_per_example(config).values())
+  """Model FLOPs of one train step per example: 3 × forward, but 1 × for the
+  towers optim.locked names (they run forward only)."""
+  locked = locked_forward_flops(config)
+  return 3.0 * (sum(forward_flops_per_example(config).values()) - locked) + locked
 
 
 SCAN_NOTE = ("XLA's cost analysis counts a while-loop body once, so with model.scan_layers "

@@ -20,13 +20,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from configs import common
-from ito_jax import accumulation, checkpoint, distributed, export, objective, sharding
+from ito_jax import accumulation, checkpoint, distributed, export, init_from, objective, sharding
 from ito_jax.data import pipeline
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
 from ito_jax.evaluate.evaluator import Evaluator
 from ito_jax.metrics import MetricsWriter, is_remote
-from ito_jax.models.ito import MAX_LOG_SCALE, ItoModel
+from ito_jax.models.ito import MAX_LOG_SCALE, ItoModel, trainable_filter
 
 # =============================================================================
 # Optimizer: AdamW, warmup + cosine, clipping, decay on kernels/embeddings only
@@ -70,7 +70,8 @@ def create_model_and_optimizer(config: ml_collections.ConfigDict, mesh, check: b
     sharding.check_divisible(config, mesh)  # a clear error instead of a failed device_put
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(config)):
     model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, make_optimizer(config),
+                              wrt=trainable_filter(config.optim.locked))
   return model, optimizer
 
 
@@ -81,7 +82,8 @@ def abstract_model_and_optimizer(config: ml_collections.ConfigDict, mesh, check:
 
   def init():
     model = ItoModel(config.model, rngs=nnx.Rngs(config.seed))
-    return model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+    return model, nnx.Optimizer(model, make_optimizer(config),
+                                wrt=trainable_filter(config.optim.locked))
 
   if check:
     sharding.check_divisible(config, mesh)
@@ -159,16 +161,24 @@ class MeshStep:
 # =============================================================================
 # Inputs: data set, tokenizer, train iterator and held-out arrays
 # =============================================================================
-def prepare_inputs(config: ml_collections.ConfigDict, workdir: str):
+def prepare_inputs(config: ml_collections.ConfigDict, workdir: str,
+                   tokenizer_bytes: bytes | None = None):
   """Builds (once) the data set and the tokenizer the run uses; returns
-  (data_dir, tokenizer). The tokenizer is trained on the training captions and
-  saved in the workdir, so a resumed or exported run reads the same one."""
+  (data_dir, tokenizer). The tokenizer is trained on the training captions, or
+  is `tokenizer_bytes` (an init_from export's), and is saved in the workdir,
+  so a resumed or exported run reads the same one."""
   if is_remote(workdir) and not config.data.data_dir:
     raise common.ConfigError(
         f"config.data.data_dir: must name a local directory when the workdir is remote "
         f"({workdir}); the data set is built and read on local disk")
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   tok_path = os.path.join(workdir, "tokenizer.model")
+  if tokenizer_bytes is not None:
+    if epath.Path(tok_path).exists() and epath.Path(tok_path).read_bytes() != tokenizer_bytes:
+      raise common.ConfigError(
+          f"config.init_from: {tok_path} is not the export's tokenizer (this workdir was "
+          f"started without init_from, or from another export); use a new --workdir")
+    tokenizer_lib.save(tokenizer_bytes, tok_path)
   if epath.Path(tok_path).exists():
     tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
     if tokenizer.vocab_size > config.model.text.vocab_size:  # ids past the table embed as NaN
@@ -278,7 +288,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"config.total_steps: {config.total_steps} is below step {latest} of the latest "
           f"checkpoint in {ckpt.directory}; raise total_steps to at least {latest}, or use a new "
           f"--workdir (`python -m ito_jax.main export` exports that checkpoint as it is)")
-    data_dir, tokenizer = prepare_inputs(config, workdir)  # refuses a tokenizer that does not fit
+    # A fresh run reads (and checks) the export it starts from before any data
+    # is generated; a resumed one has it in its checkpoint.
+    weights = init_from.read(config) if config.init_from and latest is None else None
+    if config.optim.locked and not config.init_from:
+      logging.warning("optim.locked=%s without init_from: those towers stay at their random "
+                      "initialisation", config.optim.locked)
+    data_dir, tokenizer = prepare_inputs(  # refuses a tokenizer that does not fit
+        config, workdir, None if weights is None else weights.tokenizer_bytes)
     if jax.process_index() == 0:  # after both refusals, so a refused run leaves the workdir's config
       (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
     train_iter = iter(pipeline.train_dataset(
@@ -292,6 +309,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if latest is None:
       model, optimizer = create_model_and_optimizer(config, mesh, check=False)  # checked above
+      if weights is not None:
+        init_from.load_into(model, weights)
+        logging.info("initialised the encoders from %s (step %s)", config.init_from,
+                     weights.manifest.get("step"))
+        del weights  # the host copy of the parameters
       graphdef, state = nnx.split((model, optimizer))
       start_step = 0
     else:  # resume: state and data position exactly as saved, on this run's mesh

@@ -50,6 +50,15 @@ def tiny_config(kind: str, steps: int = 1):
     c.model.image.patch_dropout = 0.5
     c.loss.ot_weight = 1.0
     c.ot.update(start_step=0, min_points=2)
+  elif kind == "ito_image_locked":  # LiT: no gradient for the image tower, none through it
+    c.model.fusion.enabled = True
+    c.loss.update(itm_weight=0.5, anchor_weight=0.5, itm_negative_pool=4)
+    c.optim.locked = ("image",)
+  elif kind == "ot_text_locked":  # the locked text tower's unaligned texts need no second pass
+    c.partial.update(enabled=True, unaligned_batch_size=8)
+    c.loss.ot_weight = 1.0
+    c.ot.update(start_step=0, min_points=2)
+    c.optim.locked = ("text",)
   elif kind == "ot_not_started":  # step 0 < ot.start_step: the unaligned batches are skipped
     c.partial.update(enabled=True, unaligned_batch_size=8)
     c.loss.ot_weight = 1.0
@@ -86,7 +95,7 @@ def largest(tree) -> float:
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid", "scan_layers", "patch_dropout", "ito", "ot",
                                   "ot_images_fixed", "ot_two_views", "ot_patch_dropout",
-                                  "ot_not_started"])
+                                  "ot_not_started", "ito_image_locked", "ot_text_locked"])
 def test_microbatched_towers_give_the_whole_batch_gradient(kind):
   batch = jax.tree.map(jnp.asarray, random_batch(tiny_config(kind)))
   batch = objective.with_patch_dropout(batch, tiny_config(kind), 0)
@@ -105,6 +114,12 @@ def test_microbatched_towers_give_the_whole_batch_gradient(kind):
   nonzero = lambda g: {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(g)
                        if float(jnp.max(jnp.abs(x))) > 0}
   assert nonzero(grads4) == nonzero(grads)
+  # A locked tower is not differentiated at all: it has no gradient leaves.
+  names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(grads)}
+  locked = tiny_config(kind).optim.locked
+  for tower in ("image", "text"):
+    for part in ("tower", "proj"):
+      assert any(f"'{tower}_{part}'" in n for n in names) == (tower not in locked), (tower, part)
 
 
 def test_the_gradient_is_not_the_mean_of_microbatch_losses():

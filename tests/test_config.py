@@ -61,6 +61,9 @@ def tiny():
     ("data.eval_source", None, "config.data.eval_source: must be a path string"),
     ("eval.split", "train", "config.eval.split: expected validation|test"),
     ("eval.retrieval_gallery", -1, "config.eval.retrieval_gallery: must be a non-negative integer"),
+    ("optim.locked", ("vision",), "config.optim.locked: must name each of ('image', 'text') at most once"),
+    ("optim.locked", ("text", "text"), "config.optim.locked: must name each of ('image', 'text') at most once"),
+    ("init_from", None, "config.init_from: must be an export directory"),
 ])
 def test_invalid_field_fails_before_anything_is_built(tmp_path, field, value, match):
   config = tiny()

@@ -94,12 +94,17 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> T
   except RuntimeError as e:
     raise ValueError(f'SentencePiece could not train a vocab of {vocab_size} on '
                      f'{len(texts)} texts: {e}') from e
-  path = epath.Path(model_path)  # local or gs://
+  save(proto.getvalue(), model_path)
+  return Tokenizer(proto.getvalue())
+
+
+def save(model_bytes: bytes, model_path: str) -> None:
+  """Writes a serialized sentencepiece model to `model_path` (local or gs://)."""
+  path = epath.Path(model_path)
   path.parent.mkdir(parents=True, exist_ok=True)
   # Written whole beside the target, then renamed over it (os.replace locally,
   # a copy that appears complete on object stores): an interrupted write leaves
   # no truncated model that a later run would reuse.
   tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
-  tmp.write_bytes(proto.getvalue())
+  tmp.write_bytes(model_bytes)
   tmp.replace(path)
-  return Tokenizer(proto.getvalue())

@@ -98,5 +98,20 @@ def encoder_filter():
   return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("fusion_head")))
 
 
+# The parameters each tower name in `optim.locked` covers: the tower and its
+# projection into the joint space (LiT locks both; the temperature and bias
+# stay trained).
+TOWER_PARAMS = {"image": ("image_tower", "image_proj"), "text": ("text_tower", "text_proj")}
+
+
+def trainable_filter(locked=()):
+  """An nnx filter selecting the parameters training updates: every nnx.Param
+  but those of the towers named in `locked` (optim.locked)."""
+  frozen = [nnx.PathContains(name) for tower in locked for name in TOWER_PARAMS[tower]]
+  if not frozen:
+    return nnx.Param
+  return nnx.All(nnx.Param, nnx.Not(nnx.Any(*frozen)))
+
+
 def count_params(model: nnx.Module, filt=nnx.Param) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, filt)))
