@@ -6,6 +6,7 @@ and prints a JSON report (run with 2 CPU devices by test_checkpoint.py):
 For each mesh: every restored array equals its value restored onto one device,
 carries the sharding the new mesh gives it (so Adam moments and kernels really
 are split across devices), and the data iterator yields the same next batch.
+The run's export, placed by init_from on the fsdp=2 mesh, equals params.npz.
 It runs no multi-device program: XLA:CPU collectives can deadlock when a
 2-core machine's thread pool is exhausted, which says nothing about restoring.
 """
@@ -19,11 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import tiny_run  # noqa: E402
-from ito_jax import checkpoint, sharding, train  # noqa: E402
+from ito_jax import checkpoint, init_from, sharding, train  # noqa: E402
 from ito_jax.data import pipeline  # noqa: E402
 from ito_jax.export import flatten  # noqa: E402
+from ito_jax.models.ito import encoder_filter  # noqa: E402
 
 
 def restore(workdir, data_dir, mesh_sizes, devices):
@@ -57,6 +60,20 @@ def main(workdir, data_dir):
         "adam_mu_spec": str(arrays["optimizer/opt_state/1/0/mu/image_proj/kernel"].sharding.spec),
         "next_batch_equal": all(np.array_equal(batch[k], base_batch[k]) for k in base_batch),
     }
+  # The run's export placed by init_from on the fsdp=2 mesh: the values of
+  # params.npz, split as the mesh splits them.
+  config = tiny_run.config(data_dir)
+  config.mesh.update(data=1, fsdp=2, tensor=1)
+  config.init_from = os.path.join(workdir, "export")
+  model, _ = train.create_model_and_optimizer(config, sharding.make_mesh(config, devices))
+  weights = init_from.read(config)
+  init_from.load_into(model, weights)
+  placed = flatten(nnx.to_pure_dict(nnx.state(model, encoder_filter())))
+  report["init_from"] = {
+      "names_equal": sorted(placed) == sorted(weights.params),
+      "unequal": [n for n in placed if not np.array_equal(np.asarray(placed[n]), weights.params[n])],
+      "kernel_spec": str(placed["image_proj/kernel"].sharding.spec),
+      "devices": sorted({d.id for x in placed.values() for d in x.sharding.device_set})}
   print(json.dumps(report))
 
 

@@ -167,7 +167,8 @@ def test_interrupted_run_equals_uninterrupted_run(interrupted, tiny_reference_ru
 def test_restore_onto_a_different_mesh(tiny_reference_run):
   """The 1-device checkpoint restores onto 2 devices, as fsdp = 2 (parameters
   and Adam moments split) and as data = 2, with identical values and data
-  position (tests/mesh_restore_check.py)."""
+  position, and init_from places the run's export on fsdp = 2
+  (tests/mesh_restore_check.py)."""
   ref = tiny_reference_run
   out = subprocess.run(
       [sys.executable, os.path.join(tiny_run.ROOT, "tests", "mesh_restore_check.py"),
@@ -185,6 +186,9 @@ def test_restore_onto_a_different_mesh(tiny_reference_run):
   assert fsdp["kernel_spec"] == fsdp["adam_mu_spec"] == "P('fsdp', None)"
   assert fsdp["split_arrays"] > 50, fsdp  # most kernels and their moments are split in two
   assert data["split_arrays"] == 0 and data["kernel_spec"] == "P('fsdp', None)"
+  placed = report["init_from"]  # the export loaded by init_from onto fsdp = 2
+  assert placed["names_equal"] and placed["unequal"] == [], placed
+  assert placed["kernel_spec"] == "P('fsdp', None)" and placed["devices"] == [0, 1]
 
 
 def test_resume_with_grain_workers_restarts_the_data_stream_instead_of_crashing(tiny_reference_run):
