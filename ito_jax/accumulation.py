@@ -114,12 +114,15 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
   def tower_grads(carry, xs):
     (p, r), acc = carry
     mb, cotangent = xs
-    def outputs(q):
-      out = encode(q, r, mb)
+    # The rest of the state (a locked tower's parameters among it) enters the
+    # vjp as an input of its own, without gradient: read from the enclosing
+    # scan's trace instead, the towers' nnx.scan / nnx.remat refuse it.
+    def outputs(q, s):
+      out = encode(q, jax.lax.stop_gradient(s), mb)
       return {k: out[k] for k in differentiable}
 
-    _, pull = jax.vjp(outputs, p)
-    (g,) = pull(cotangent)
+    _, pull = jax.vjp(outputs, p, r)
+    g, _ = pull(cotangent)
     return ((p, r), jax.tree.map(jnp.add, acc, g)), None
 
   cotangents = {k: sharding.split_microbatches(v, steps, mesh) for k, v in out_grads.items()}

@@ -54,6 +54,13 @@ def tiny_config(kind: str, steps: int = 1):
     c.model.fusion.enabled = True
     c.loss.update(itm_weight=0.5, anchor_weight=0.5, itm_negative_pool=4)
     c.optim.locked = ("image",)
+  elif kind == "scan_image_locked":  # the locked tower's blocks under nnx.scan, microbatched
+    c.model.scan_layers = True
+    c.model.image.depth = c.model.text.depth = 2
+    c.optim.locked = ("image",)
+  elif kind == "remat_text_locked":  # the locked tower's blocks under nnx.remat, microbatched
+    c.model.remat = "full"
+    c.optim.locked = ("text",)
   elif kind == "ot_text_locked":  # the locked text tower's unaligned texts need no second pass
     c.partial.update(enabled=True, unaligned_batch_size=8)
     c.loss.ot_weight = 1.0
@@ -95,7 +102,8 @@ def largest(tree) -> float:
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid", "scan_layers", "patch_dropout", "ito", "ot",
                                   "ot_images_fixed", "ot_two_views", "ot_patch_dropout",
-                                  "ot_not_started", "ito_image_locked", "ot_text_locked"])
+                                  "ot_not_started", "ito_image_locked", "ot_text_locked",
+                                  "scan_image_locked", "remat_text_locked"])
 def test_microbatched_towers_give_the_whole_batch_gradient(kind):
   batch = jax.tree.map(jnp.asarray, random_batch(tiny_config(kind)))
   batch = objective.with_patch_dropout(batch, tiny_config(kind), 0)
