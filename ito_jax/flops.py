@@ -131,6 +131,10 @@ def locked_forward_flops(config: ml_collections.ConfigDict) -> float:
                       + 2 * m.embed_dim * txt.width)
     total += (parts["text_encoder"] + 2 * m.embed_dim * loss.num_text_views * txt.width
               + share * unaligned_view)
+  if "image" in locked and "text" in locked:
+    # Both sides of the similarity matrix are constants: its matmul has no
+    # backward pass either (the temperature's gradient reads the logits).
+    total += parts["logits"]
   return total
 
 

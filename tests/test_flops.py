@@ -92,7 +92,7 @@ def test_analytic_count_matches_xla_cost_analysis(width, stem, patch_dropout):
   assert flops.train_flops_per_example(c) == 3 * fwd / c.batch_size
 
 
-@pytest.mark.parametrize("locked", [("image",), ("text",)])
+@pytest.mark.parametrize("locked", [("image",), ("text",), ("image", "text")])
 def test_a_locked_tower_counts_its_forward_pass_only(locked):
   """With a tower locked the gradient skips its backward pass: XLA's count of
   the step's gradient (accumulation.value_and_grad) is within 5% of the
