@@ -20,6 +20,7 @@ between steps (background checkpoint writes go on) or inside a save.
 import json
 import logging
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -89,13 +90,13 @@ def interrupted(tiny_reference_run, tmp_path_factory):
   os.kill(proc.pid, signal.SIGTERM)
   rc = tiny_run.finish(proc)
   stages["run4"] = dict(records=tiny_run.records(workdir), resumed=tiny_run.resumed_from(log("run4")),
-                        rc=rc, output=open(log("run4")).read(),
+                        rc=rc, output=pathlib.Path(log("run4")).read_text(),
                         checkpoints=tiny_run.final_checkpoints(workdir))
 
   # run 5: to the end, with the plain command
   rc = tiny_run.run(argv, tiny_run.env(ref["cache_dir"]), log("run5"))
   stages["run5"] = dict(records=tiny_run.records(workdir), resumed=tiny_run.resumed_from(log("run5")),
-                        rc=rc, output=open(log("run5")).read())
+                        rc=rc, output=pathlib.Path(log("run5")).read_text())
   stages["workdir"] = workdir
   return stages
 
@@ -264,13 +265,13 @@ def test_total_steps_below_the_latest_checkpoint_is_refused(tiny_reference_run, 
   ref = tiny_reference_run
   workdir = str(tmp_path / "run")
   shutil.copytree(ref["workdir"], workdir)
-  before = open(os.path.join(workdir, "config.json")).read()
+  before = pathlib.Path(workdir, "config.json").read_text()
   config = tiny_run.config(ref["data_dir"])
   config.total_steps = tiny_run.TOTAL_STEPS // 2
   with pytest.raises(common.ConfigError, match=f"config.total_steps: {config.total_steps} is below "
                      f"step {tiny_run.TOTAL_STEPS} of the latest checkpoint"):
     train.train_and_evaluate(config, workdir)
-  assert open(os.path.join(workdir, "config.json")).read() == before
+  assert pathlib.Path(workdir, "config.json").read_text() == before
 
 
 def test_close_waits_for_the_start_up_cleanup_of_temporary_directories(tmp_path, monkeypatch):

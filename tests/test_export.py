@@ -331,7 +331,7 @@ def test_bfloat16_parameters_round_trip_without_pickle(tmp_path, trained):
                os.path.join(trained["export_dir"], "tokenizer.model"), str(tmp_path / "e"), step=0)
   with open(tmp_path / "e" / "manifest.json") as f:
     assert json.load(f)["params"]["a/kernel"] == {"shape": [2, 3], "dtype": "bfloat16"}
-  loaded = export._read_params(str(tmp_path / "e"), json.load(open(tmp_path / "e" / "manifest.json")))
+  loaded = export._read_params(str(tmp_path / "e"), json.loads((tmp_path / "e" / "manifest.json").read_text()))
   assert loaded["a/kernel"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(loaded["a/kernel"].astype(np.float32), np.arange(6).reshape(2, 3))
 

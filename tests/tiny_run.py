@@ -57,9 +57,9 @@ def env(cache_dir: str, devices: int = 1, **extra) -> dict:
 
 def start(argv: list[str], env_: dict, log_path: str, harness: bool = False) -> subprocess.Popen:
   entry = [os.path.join(ROOT, "tests", "train_harness.py")] if harness else ["-m", "ito_jax.main"]
-  log = open(log_path, "w")
-  return subprocess.Popen([sys.executable, *entry, *argv], cwd=ROOT, env=env_,
-                          stdout=log, stderr=subprocess.STDOUT)
+  with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+    return subprocess.Popen([sys.executable, *entry, *argv], cwd=ROOT, env=env_,
+                            stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> int:
