@@ -17,7 +17,7 @@ strings) or raises `BadRecord(kind, ...)`. What can be repaired is repaired and
 reported in `Example.repairs` (CMYK, 16-bit, grayscale, palette and alpha images
 convert to RGB; bad captions among good ones are dropped; a photo's EXIF
 orientation is applied, so it is upright as a viewer shows it, and an EXIF
-block Pillow can read only in part is `corrupt_exif`); what cannot is one of
+block of which Pillow can read no tag is `corrupt_exif`); what cannot is one of
 `BAD_KINDS`. Training counts both (see `ito_jax.data.bad_records`).
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import struct
 import warnings
 
@@ -181,17 +180,9 @@ def upright(img: Image.Image) -> Image.Image:
   return img if orientation == 1 else ImageOps.exif_transpose(img)
 
 
-def _is_metadata_warning(w: warnings.WarningMessage) -> bool:
-  """Pillow's warnings from its TIFF directory parser, which reads every EXIF
-  block ('Corrupt EXIF data', 'Tag offset too large', ...): it skipped broken
-  tags and kept the rest."""
-  return (issubclass(w.category, UserWarning)
-          and os.path.basename(w.filename) == 'TiffImagePlugin.py')
-
-
-def _open_upright(data: bytes, max_pixels: int) -> Image.Image:
+def _open_upright(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[str, ...]]:
   """Opens, checks the size from the header alone, decodes and rotates upright;
-  raises BadRecord."""
+  returns the image and its repairs, raises BadRecord."""
   try:
     img = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as e:
@@ -213,7 +204,14 @@ def _open_upright(data: bytes, max_pixels: int) -> Image.Image:
     # ...: every failure here is a broken file, never a reason to stop.
     kind = 'truncated_image' if 'truncated' in str(e).lower() else 'corrupt_image'
     raise BadRecord(kind, f'{img.format} {width}x{height}: {e}') from None
-  return upright(img)
+  rotated = upright(img)
+  # An EXIF block of which Pillow could read no tag (it warns and skips broken
+  # ones): the image is kept as stored, as a viewer shows it, and counted.
+  # Told from the parsed tags, not by recording Pillow's warning: while
+  # catch_warnings(record=True) runs, every thread's warnings go to its list,
+  # and two serving threads decoding at once could leave that in place.
+  unreadable = bool(img.info.get('exif')) and len(img.getexif()) == 0
+  return rotated, ('corrupt_exif',) if unreadable else ()
 
 
 def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -231,21 +229,10 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, tuple
     # before our check: raised once, process-wide, only as far as a configured
     # limit asks, so our limit decides.
     Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
-  caught = []
-  try:
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter('always')
-      # Our own limit decides; PIL's DecompressionBombWarning would only be noise.
-      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-      img = _open_upright(data, max_pixels)
-  finally:  # warnings not about the image's bytes are passed on as they came
-    for w in caught:
-      if not _is_metadata_warning(w):
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-  # A JPEG's EXIF block is parsed at open, a PNG's by upright: Pillow warns of
-  # a broken one (a viewer then shows the image as stored unless the
-  # orientation tag survived), which is counted, not printed.
-  repairs = ('corrupt_exif',) if any(_is_metadata_warning(w) for w in caught) else ()
+  with warnings.catch_warnings():
+    # Our own limit decides; PIL's DecompressionBombWarning would only be noise.
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+    img, repairs = _open_upright(data, max_pixels)
   try:
     pixels, repair = to_rgb(img)
   except (ValueError, OSError) as e:
