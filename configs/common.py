@@ -230,7 +230,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_bad_fraction = 0.1
   d.bad_check_min_records = 1000  # records read from a source before max_bad_fraction applies.
   d.max_image_pixels = 50_000_000  # images with more pixels (by header) are skipped unread.
-  # (Above 2 x PIL's Image.MAX_IMAGE_PIXELS, 179M, the process's PIL limit is raised to match.)
+  # (Above PIL's Image.MAX_IMAGE_PIXELS, 89M, the process's PIL limit is raised to match.)
   d.max_caption_chars = 1000  # longer captions are dropped (a record needs one caption left).
 
   # ---- devices --------------------------------------------------------------

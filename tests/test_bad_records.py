@@ -86,6 +86,32 @@ def test_exif_orientation_is_applied(fmt):
   assert repairs == ('corrupt_exif',)
 
 
+def test_decoding_in_threads_leaves_the_warnings_module_as_it_was():
+  """grain decodes on a pool of threads and the HTTP server on its request
+  threads: decode_image must not swap process-wide warning state (filters,
+  the showwarning hook), which threads entering and leaving at once would
+  leave swapped. Counting corrupt EXIF is per call all the same."""
+  import io
+  import warnings
+  from concurrent.futures import ThreadPoolExecutor
+  from PIL import Image
+  good, bad = io.BytesIO(), io.BytesIO()
+  Image.new('RGB', (32, 32), (200, 30, 30)).save(good, format='JPEG')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    Image.new('RGB', (32, 32)).save(bad, format='JPEG', exif=b'Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff')
+  filters, hook = list(warnings.filters), warnings._showwarnmsg_impl
+  inputs = [bad.getvalue() if i % 2 else good.getvalue() for i in range(400)]
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # Pillow's own 'Corrupt EXIF' warnings
+    inner_filters = list(warnings.filters)
+    with ThreadPoolExecutor(16) as pool:
+      repairs = list(pool.map(lambda b: records.decode_image(b, LIMITS.max_image_pixels)[1], inputs))
+    assert warnings.filters == inner_filters
+  assert warnings.filters == filters and warnings._showwarnmsg_impl is hook
+  assert repairs == [('corrupt_exif',) if i % 2 else () for i in range(400)]
+
+
 def test_an_exif_block_pillow_cannot_parse_is_a_bad_record():
   """EXIF bytes that make Pillow's parser raise (here SyntaxError, 'not a TIFF
   file': a fuzzed byte order mark) leave the orientation unknown: the record

@@ -27,7 +27,6 @@ import dataclasses
 import io
 import json
 import struct
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -209,7 +208,7 @@ def _open_upright(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[str,
   # ones): the image is kept as stored, as a viewer shows it, and counted.
   # Told from the parsed tags, not by recording Pillow's warning: while
   # catch_warnings(record=True) runs, every thread's warnings go to its list,
-  # and two serving threads decoding at once could leave that in place.
+  # and two threads decoding at once could leave that in place.
   unreadable = bool(img.info.get('exif')) and len(img.getexif()) == 0
   return rotated, ('corrupt_exif',) if unreadable else ()
 
@@ -224,15 +223,15 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[np.ndarray, tuple
     raise BadRecord('missing_field', 'no image')
   if len(data) == 0:
     raise BadRecord('empty_image')
-  if Image.MAX_IMAGE_PIXELS is not None and max_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
-    # PIL refuses more than 2x its own limit (179M pixels by default) at open,
-    # before our check: raised once, process-wide, only as far as a configured
-    # limit asks, so our limit decides.
-    Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
-  with warnings.catch_warnings():
-    # Our own limit decides; PIL's DecompressionBombWarning would only be noise.
-    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-    img, repairs = _open_upright(data, max_pixels)
+  if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+    # PIL warns above its own limit (89M pixels by default) and refuses more
+    # than twice it at open, before our check. Raised once, process-wide, only
+    # as far as a configured limit asks, so our limit decides and PIL warns
+    # only of images our check then refuses. (Not hidden with
+    # warnings.catch_warnings: that swaps process-wide state, which the
+    # threads grain and the HTTP server decode in would race on.)
+    Image.MAX_IMAGE_PIXELS = max_pixels
+  img, repairs = _open_upright(data, max_pixels)
   try:
     pixels, repair = to_rgb(img)
   except (ValueError, OSError) as e:
