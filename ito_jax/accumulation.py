@@ -64,9 +64,8 @@ def value_and_grad(model, batch: dict, config: ml_collections.ConfigDict, mesh=N
   if objective.uses_tokens(model, config):
     keys += ["image_tokens", "text_tokens", "text_mask"]
   # A locked tower's outputs need no gradient, so no second pass through it.
-  differentiable = [k for k in keys if k != "text_mask"
-                    and not (k.startswith("image") and "image" in config.optim.locked)
-                    and not (k.startswith("text") and "text" in config.optim.locked)]
+  differentiable = [k for k in keys
+                    if k != "text_mask" and k.split("_")[0] not in config.optim.locked]
   inputs = [k for k in ALIGNED_INPUTS if k in batch]
   pools = objective_ot.uses_unaligned(config)
   if pools:

@@ -293,6 +293,21 @@ def _read_params(export_dir, manifest: dict) -> dict:
   return params
 
 
+def param_differences(params: dict, expected: dict, dtypes: bool = True) -> list[str]:
+  """What differs between weights {name: array} and the parameters a config
+  builds {name: ShapeDtypeStruct}: names on one side only, and shapes (and,
+  with `dtypes`, dtypes). Empty when they match."""
+  describe = lambda x: f"{x.dtype if dtypes else ''}{list(x.shape)}"
+  problems = [f"{n} is in the weights but not in the model the config builds"
+              for n in sorted(set(params) - set(expected))]
+  problems += [f"{n} is missing from the weights" for n in sorted(set(expected) - set(params))]
+  problems += [f"{n}: weights {describe(params[n])}, config implies {describe(expected[n])}"
+               for n in sorted(set(params) & set(expected))
+               if tuple(params[n].shape) != tuple(expected[n].shape)
+               or (dtypes and params[n].dtype != expected[n].dtype)]
+  return problems
+
+
 @dataclasses.dataclass
 class Weights:
   """A validated export, read to the host: nothing placed on a device yet."""
@@ -321,14 +336,7 @@ def read(export_dir: str) -> Weights:
   params = _read_params(export_dir, manifest)
 
   # The config must describe exactly these weights: same names, shapes, dtypes.
-  expected = flatten(abstract_encoder_params(model_config))
-  problems = [f"{n} is in the weights but not in the model the config builds"
-              for n in sorted(set(params) - set(expected))]
-  problems += [f"{n} is missing from the weights" for n in sorted(set(expected) - set(params))]
-  problems += [f"{n}: weights {params[n].dtype}{list(params[n].shape)}, config implies "
-               f"{expected[n].dtype}{list(expected[n].shape)}"
-               for n in sorted(set(params) & set(expected))
-               if params[n].shape != expected[n].shape or params[n].dtype != expected[n].dtype]
+  problems = param_differences(params, flatten(abstract_encoder_params(model_config)))
   if problems:
     _fail(export_dir, CONFIG, f"does not match {PARAMS} ({len(problems)} problems): "
                               + "; ".join(problems[:5]))

@@ -43,12 +43,9 @@ def read(config: ml_collections.ConfigDict) -> export.Weights:
     weights = export.read(config.init_from)
   except export.ExportError as e:
     raise common.ConfigError(f"config.init_from: {e}") from None
-  wanted = export.flatten(export.abstract_encoder_params(config.model))
-  problems = [f"{n}: export {list(weights.params[n].shape)}, this config {list(wanted[n].shape)}"
-              for n in sorted(set(wanted) & set(weights.params))
-              if tuple(weights.params[n].shape) != tuple(wanted[n].shape)]
-  problems += [f"{n} only in the export" for n in sorted(set(weights.params) - set(wanted))]
-  problems += [f"{n} only in this config's model" for n in sorted(set(wanted) - set(weights.params))]
+  # Shapes only: load_into casts to the config's parameter dtype.
+  problems = export.param_differences(
+      weights.params, export.flatten(export.abstract_encoder_params(config.model)), dtypes=False)
   if problems:
     fields = [f"model.{f} is {_field(weights.model_config, f)!r} in the export, "
               f"{_field(config.model, f)!r} here" for f in SHAPE_FIELDS

@@ -174,11 +174,12 @@ def prepare_inputs(config: ml_collections.ConfigDict, workdir: str,
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   tok_path = os.path.join(workdir, "tokenizer.model")
   if tokenizer_bytes is not None:
-    if epath.Path(tok_path).exists() and epath.Path(tok_path).read_bytes() != tokenizer_bytes:
+    if not epath.Path(tok_path).exists():
+      tokenizer_lib.save(tokenizer_bytes, tok_path)
+    elif epath.Path(tok_path).read_bytes() != tokenizer_bytes:
       raise common.ConfigError(
           f"config.init_from: {tok_path} is not the export's tokenizer (this workdir was "
           f"started without init_from, or from another export); use a new --workdir")
-    tokenizer_lib.save(tokenizer_bytes, tok_path)
   if epath.Path(tok_path).exists():
     tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
     if tokenizer.vocab_size > config.model.text.vocab_size:  # ids past the table embed as NaN

@@ -12,15 +12,8 @@ from ito_jax import checkpoint, export, init_from, train
 
 
 def _config(reference, **overrides):
-  c = tiny_run.config(reference["data_dir"])
-  c.init_from = os.path.join(reference["workdir"], "export")
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_run.config(reference["data_dir"],
+                         init_from=os.path.join(reference["workdir"], "export"), **overrides)
 
 
 def test_a_run_from_an_export_starts_from_its_encoders_and_a_locked_tower_stays(
@@ -69,7 +62,8 @@ def test_an_export_of_other_tower_shapes_is_refused_naming_the_fields(tiny_refer
   with pytest.raises(common.ConfigError, match=(
       r"config.init_from: the export .* holds towers of other shapes than this config builds "
       r"\(model.image.width is 32 in the export, 64 here; model.image.num_heads is 2 in the "
-      r"export, 4 here; \d+ parameters differ, e.g. image_")):
+      r"export, 4 here; \d+ parameters differ, e.g. image_proj/kernel: weights \[32, 32\], "
+      r"config implies \[64, 32\]")):
     init_from.read(config)
 
 

@@ -27,11 +27,12 @@ OVERRIDES = dict(
        "data.num_train": 256, "data.num_eval": 64, "eval.batch_size": 64})
 
 
-def config(data_dir: str):
-  """The same config in-process (for abstract models and restores)."""
+def config(data_dir: str, **extra):
+  """The same config in-process (for abstract models and restores); `extra`
+  overrides more fields, by dotted name as train_args takes them."""
   from configs import ito_tiny_cpu
   c = ito_tiny_cpu.get_config()
-  for key, value in {**OVERRIDES, "data.data_dir": data_dir}.items():
+  for key, value in {**OVERRIDES, "data.data_dir": data_dir, **extra}.items():
     *parents, leaf = key.split(".")
     node = c
     for p in parents:
