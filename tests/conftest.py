@@ -17,22 +17,7 @@ if ROOT not in sys.path:
 
 import pytest  # noqa: E402
 
-
-def pytest_collection_modifyitems(config, items):
-  """Under `pytest -n N --dist loadgroup` (`make test`), tests that share an
-  expensive fixture go to one worker, so the fixture is built once: those of
-  the tiny reference run form one group, and a module's tests that use a
-  module-scoped fixture form another. The rest are spread one by one."""
-  for item in items:
-    info = getattr(item, "_fixtureinfo", None)
-    defs = info.name2fixturedefs if info is not None else {}
-    if "tiny_reference_run" in defs:
-      group = "tiny_reference_run"
-    elif any(d.scope == "module" for fixturedefs in defs.values() for d in fixturedefs):
-      group = item.module.__name__
-    else:
-      continue
-    item.add_marker(pytest.mark.xdist_group(group))
+from grouping import pytest_collection_modifyitems  # noqa: E402,F401  (a hook)
 
 
 @pytest.fixture(scope="session")
