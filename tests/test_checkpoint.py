@@ -227,16 +227,60 @@ def test_resume_with_grain_workers_restarts_the_data_stream_instead_of_crashing(
       it.close()
 
 
-def test_an_older_data_format_of_a_mixed_source_run_restarts_the_stream():
+def test_an_older_data_format_of_a_mixed_source_run_restarts_the_stream(tiny_reference_run, tmp_path):
   """Checkpoints without `data_format` mixed several sources as one MapDataset,
   whose position grain cannot restore into the iterator mix (KeyError
-  'parents'); a run of one source has the same position either way."""
+  'parents'); a run of one source has the same position either way.
+
+  End to end: the reference run's last checkpoint, rewritten as an older
+  ito_jax wrote it for two sources (no `data_format` in its meta), restores
+  its model, and its data stream restarts with a warning naming the format."""
+  from absl import logging as absl_logging
+  from ito_jax import sharding, train
+  from ito_jax.data import pipeline
+
   two = {"data": {"sources": [["/a", 1.0], ["/b", 1.0]], "num_workers": 0}, "partial": {"enabled": False}}
   one = {"data": {"sources": ["/a"], "num_workers": 0}, "partial": {"enabled": False}}
-  (change,) = checkpoint.data_layout_changes(two, two, saved_format=1)
-  assert change.startswith("data position format 1") and change.endswith(f"now {checkpoint.DATA_FORMAT}")
   assert checkpoint.data_layout_changes(two, two) == []
   assert checkpoint.data_layout_changes(one, one, saved_format=1) == []
+
+  ref = tiny_reference_run
+  workdir = tmp_path / "old"
+  shutil.copytree(os.path.join(ref["workdir"], "checkpoints"), workdir / "checkpoints")
+  step_dir = workdir / "checkpoints" / str(tiny_run.TOTAL_STEPS)
+  sources = [["/a", 1.0], ["/b", 1.0]]  # the restore never reads them
+  for item, edit in (("meta", lambda m: m.pop("data_format")),
+                     ("config", lambda c: c["data"].update(sources=sources))):
+    path = step_dir / item / "metadata"
+    saved = json.loads(path.read_text())
+    edit(saved)
+    path.write_text(json.dumps(saved))
+
+  config = tiny_run.config(ref["data_dir"])  # the data stream: one source, as saved
+  mesh = sharding.make_mesh(config)
+  _, abstract = train.abstract_model_and_optimizer(config, mesh)
+  _, tokenizer = train.prepare_inputs(config, ref["workdir"])
+  data = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
+  mixed = tiny_run.config(ref["data_dir"])
+  mixed.data.sources = tuple(tuple(s) for s in sources)
+  warnings = []
+  handler = logging.Handler()
+  handler.emit = lambda record: warnings.append(record.getMessage())
+  absl_logging.get_absl_logger().addHandler(handler)
+  try:
+    _, step = checkpoint.Checkpointer(str(workdir), mixed, read_only=True).restore(abstract, data)
+  finally:
+    absl_logging.get_absl_logger().removeHandler(handler)
+  assert step == tiny_run.TOTAL_STEPS
+  assert any(f"data position format 1 (an older ito_jax mixed several sources differently), "
+             f"now {checkpoint.DATA_FORMAT}" in w and "restarts from its seed" in w
+             for w in warnings), warnings
+  fresh = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
+  first, expected = next(data), next(fresh)
+  assert all(np.array_equal(first[k], expected[k]) for k in ("images", "tokens"))
+  for it in (data, fresh):
+    if hasattr(it, "close"):
+      it.close()
 
 
 def test_a_checkpoint_of_another_model_shape_is_refused_naming_the_field(tiny_reference_run):

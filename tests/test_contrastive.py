@@ -84,16 +84,20 @@ def test_multi_view_losses_match_reference(m, n):
 
 
 def test_multi_view_with_identical_views_differs_only_by_positive_count():
-  """Duplicating a view keeps the positive set's geometry: the loss of an
-  aligned batch must fall as the positives agree, i.e. it is not trivially
-  constant. With perfectly aligned, well-separated embeddings it tends to the
-  log of the number of positives per anchor (they share the probability mass)."""
+  """Duplicating a view keeps the positive set's geometry. With perfectly
+  aligned, well-separated embeddings the loss tends to the log of the number
+  of positives per anchor (they share the probability mass), and the same
+  views paired wrongly cost far more, so the floor is not a constant."""
   eye = np.eye(4)
   img = np.repeat(eye[:, None], 2, axis=1)  # [4, 2, 4], identical views
   txt = np.repeat(eye[:, None], 3, axis=1)  # [4, 3, 4]
   got = float(contrastive.softmax_loss(jnp.asarray(img), jnp.asarray(txt), 100.0))
   expected = 0.5 * (np.log(3) + np.log(2))
   np.testing.assert_allclose(got, expected, rtol=1e-4)
+  # Each image's texts are another sample's: its positives have similarity 0,
+  # another caption 1, so at scale 100 the loss is about 100.
+  wrong = float(contrastive.softmax_loss(jnp.asarray(img), jnp.asarray(np.roll(txt, 1, axis=0)), 100.0))
+  assert wrong > 50 * expected, (wrong, expected)
 
 
 @pytest.mark.parametrize("name", ["softmax", "sigmoid"])

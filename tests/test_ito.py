@@ -85,8 +85,12 @@ def test_objective_adds_weighted_fusion_losses(config, inputs):
   model = build(config.model)
   batch = {"images": jnp.stack([images, images[::-1]], axis=1),  # [4, 2, H, W, 3]
            "tokens": jnp.stack([tokens, tokens], axis=1)}  # [4, 2, L]
-  loss, m = objective.compute_loss(model, batch, config)
-  l = config.loss
+  weighted = config.copy_and_resolve_references()
+  # Three different weights, none 1, so that a weight left out or applied to
+  # the wrong term changes the sum.
+  weighted.loss.update(itm_weight=0.7, anchor_weight=0.3, anchor_pull_weight=2.5)
+  loss, m = objective.compute_loss(model, batch, weighted)
+  l = weighted.loss
   expected = (m["loss/align"] + l.itm_weight * m["loss/itm"] +
               l.anchor_weight * (m["loss/anchor"] + l.anchor_pull_weight * m["fusion/anchor_pull"]))
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
