@@ -9,7 +9,7 @@ import math
 import ml_collections
 
 from ito_jax import sharding
-from ito_jax.cli import UserError
+from ito_jax.cli import UserError, template_problem
 from ito_jax.data.augment import EVAL_RESIZE_MODES
 from ito_jax.losses.sharded import SIGMOID_VARIANTS
 from ito_jax.models import vit as vit_lib
@@ -194,6 +194,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   require(d.dataset == "ito_shapes", "data.dataset", f"unknown data set {d.dataset!r}")
   require(d.num_train > 0 and d.num_eval > 0, "data.num_train",
           "num_train and num_eval must be positive")
+  require(isinstance(d.crop_scale, (tuple, list)) and len(d.crop_scale) == 2, "data.crop_scale",
+          f"must be (min, max), got {d.crop_scale!r}")
   lo, hi = d.crop_scale
   require(0 < lo <= hi <= 1, "data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {d.crop_scale}")
   require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
@@ -234,5 +236,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
           "eval.retrieval_gallery", f"{gallery} does not divide data.num_eval = {d.num_eval} into equal galleries")
   require(isinstance(c.eval.embeddings_limit, int) and c.eval.embeddings_limit >= 0,
           "eval.embeddings_limit", f"must be a non-negative integer, got {c.eval.embeddings_limit!r}")
-  require(len(c.eval.templates) > 0 and all("{}" in t for t in c.eval.templates),
-          "eval.templates", "need at least one template, each with a '{}' for the class name")
+  require(len(c.eval.templates) > 0, "eval.templates", "need at least one template, with a '{}' for the class name")
+  for template in c.eval.templates:
+    problem = template_problem(template)
+    require(problem is None, "eval.templates", problem)

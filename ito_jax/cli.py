@@ -35,12 +35,29 @@ class BadArgument(UserError, ValueError):
   --workdir holding runs of another config), named in the message."""
 
 
+def template_problem(template) -> str | None:
+  """Why `template` cannot take one class name where its '{}' is, or None
+  (captions from class names, zero-shot prompts)."""
+  if not isinstance(template, str):
+    return f"{template!r} is not a string"
+  try:
+    filled = template.format("\0"), template.format("\1")
+  except (IndexError, KeyError, ValueError) as e:
+    return (f"{template!r} takes one '{{}}' for the class name and no other field "
+            f"({type(e).__name__}: {e})")
+  if filled[0] == filled[1]:
+    return f"{template!r} has no '{{}}' for the class name"
+  return None
+
+
 def message(error: BaseException) -> str:
-  """The error's message, from the exception that started a chain (ml_collections
-  wraps a config file's failure in a second 'not available' error), without
-  the quotes and escapes of a KeyError's repr ('\\'x\\'\\nDid you mean...')."""
+  """The error's message: a UserError's own, or else that of the exception that
+  started the chain (ml_collections wraps a config file's failure in a second
+  'not available' error), without the quotes and escapes of a KeyError's repr
+  ('\\'x\\'\\nDid you mean...'). A UserError raised from another error
+  already says what went wrong and where (an embedder input names its index)."""
   root = error
-  while root.__cause__ is not None:
+  while root.__cause__ is not None and not isinstance(root, UserError):
     root = root.__cause__
   text = str(root)
   for _ in range(2):  # AttributeError(KeyError(...)): a repr inside a repr

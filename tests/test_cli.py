@@ -69,6 +69,32 @@ def test_message_unwraps_ml_collections_errors():
     assert cli.message(e) == "Failed loading config file x"
 
 
+def test_message_of_a_user_error_raised_from_another_is_its_own():
+  """The user error says where (an embedder input's index); its cause only how."""
+  try:
+    try:
+      raise ValueError("cannot identify image file")
+    except ValueError as cause:
+      raise cli.UserError("images[1]: not a decodable image") from cause
+  except cli.UserError as e:
+    assert cli.message(e) == "images[1]: not a decodable image"
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("a photo of a {}.", None),
+    ("a {0} or another {0}", None),
+    ("a photo", "'a photo' has no '{}' for the class name"),
+    ("a photo of a {name}.", "'a photo of a {name}.' takes one '{}' for the class name and no other "
+                             "field (KeyError: 'name')"),
+    ("{} and {}", "'{} and {}' takes one '{}' for the class name and no other field (IndexError"),
+    ("a {", "'a {' takes one '{}' for the class name and no other field (ValueError"),
+    (3, "3 is not a string"),
+])
+def test_template_problem_names_what_a_template_lacks(template, problem):
+  got = cli.template_problem(template)
+  assert got == problem if problem is None else got.startswith(problem), got
+
+
 def test_only_user_errors_are_shortened():
   class Mistake(cli.UserError):
     pass

@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 
 import data_helpers as h
+from ito_jax import cli
 from ito_jax.data import convert, pipeline, records, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,9 +123,51 @@ def test_bad_options_and_a_missing_input_directory_are_named(tmp_path):
   missing --input directory was reported as a missing captions.jsonl."""
   with pytest.raises(ValueError, match='--records_per_shard=0: must be a positive integer'):
     convert.Options(records_per_shard=0)
+  # A template without its '{}' gave every record the same caption, and one
+  # with another field failed mid-conversion with a bare KeyError.
+  with pytest.raises(cli.BadArgument, match="--caption_template: 'a photo' has no '{}' for the class name"):
+    convert.Options(caption_template='a photo')
+  with pytest.raises(cli.BadArgument, match=r"--caption_template: 'a \{name\}' takes one .*KeyError"):
+    convert.Options(caption_template='a {name}')
   with pytest.raises(ValueError, match='--num_workers=0: must be a positive integer'):
     convert.convert('folder', str(tmp_path), str(tmp_path / 'out'), num_workers=0, progress=False)
   missing = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match=f'--input={missing}: no such directory'):
     convert.convert('folder', missing, str(tmp_path / 'out'), progress=False)
   assert not (tmp_path / 'out').exists()
+
+
+def test_a_damaged_converted_source_is_named_by_its_file(tmp_path):
+  """A shard cut short or overwritten, or a manifest that is not JSON: array_record
+  and json raised without naming the file, so with several sources the user
+  could not tell which one to convert again."""
+  h.write_folder(str(tmp_path / 'in'), h.shapes_examples(12))
+  out = str(tmp_path / 'out')
+  manifest = convert.convert('folder', str(tmp_path / 'in'), out,
+                             convert.Options(records_per_shard=4), progress=False)
+  shards = [os.path.join(out, s['file']) for s in manifest['shards']]
+  assert len(shards) == 3 and len(sources.ArrayRecordSource(out)) == 12
+  whole = open(shards[1], 'rb').read()
+  for damaged in (whole[:100], whole[:len(whole) // 2], b'\0' * len(whole)):
+    with open(shards[1], 'wb') as f:
+      f.write(damaged)
+    with pytest.raises(sources.UnreadableSource,
+                       match=f'{shards[1]}: a shard of {out} cannot be read .*convert the data into'):
+      sources.ArrayRecordSource(out)
+  # Damage inside the first record's chunk: the shard opens, the read fails.
+  damaged = bytearray(whole)
+  damaged[200:264] = b'\xaa' * 64
+  with open(shards[1], 'wb') as f:
+    f.write(damaged)
+  source = sources.ArrayRecordSource(out)
+  assert source[3].id and source[8].id  # the other shards read
+  with pytest.raises(sources.UnreadableSource, match=f'{out}: record 4 cannot be read .*Corrupted'):
+    source[4]
+  with open(shards[1], 'wb') as f:
+    f.write(whole)
+  assert len(sources.ArrayRecordSource(out)) == 12
+  with open(os.path.join(out, 'manifest.json'), 'w') as f:
+    f.write('{"format": "ito_jax.rec')
+  with pytest.raises(sources.UnreadableSource, match=f'{out}/manifest.json: not a manifest'):
+    sources.ArrayRecordSource(out)
+  assert isinstance(sources.UnreadableSource('x'), cli.UserError)  # one line from the commands

@@ -125,8 +125,12 @@ def test_zero_shot_classifier(embedder):
   assert clf.predict(images) == [names[i] for i in logits.argmax(-1)]
   assert embedder.zero_shot_classifier(names).weights.shape == (3, embedder.embed_dim)  # run's templates
   np.testing.assert_array_equal(np.asarray(clf), clf.weights)  # usable as the [classes, D] matrix
-  with pytest.raises(serve.InputError, match="'{}'"):
+  with pytest.raises(serve.InputError, match="template 'no placeholder' has no '{}'"):
     embedder.zero_shot_classifier(names, ["no placeholder"])
+  with pytest.raises(serve.InputError, match=r"template 'a \{\} \{x\}' takes one '\{\}' .*KeyError"):
+    embedder.zero_shot_classifier(names, ["a {}.", "a {} {x}"])
+  with pytest.raises(serve.InputError, match="templates is empty"):
+    embedder.zero_shot_classifier(names, [])
 
 
 def test_embed_cli_on_two_devices(embedder, tiny_reference_run, tmp_path):

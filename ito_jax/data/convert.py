@@ -76,6 +76,9 @@ class Options:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise cli.BadArgument(f'--{name}={value}: must be a positive integer')
+    problem = self.caption_template and cli.template_problem(self.caption_template)
+    if problem:
+      raise cli.BadArgument(f'--caption_template: {problem}; e.g. \'a photo of a {{}}.\'')
 
 
 def shard_name(index: int, count: int) -> str:
@@ -191,7 +194,7 @@ def convert(kind: str, input_path: str, output: str, options: Options = Options(
     with open(plan_path) as f:
       previous = json.load(f)
     if previous != json.loads(json.dumps(plan)):
-      raise ValueError(f'{output} holds a conversion of other input or options '
+      raise cli.BadArgument(f'{output} holds a conversion of other input or options '
                        f'({plan_path}); use a new --output or delete it')
   else:
     _write_json(plan_path, plan)

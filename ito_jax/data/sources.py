@@ -19,10 +19,25 @@ from typing import Any
 import grain
 import numpy as np
 
+from ito_jax.cli import UserError
 from ito_jax.data import records
 
 MANIFEST = 'manifest.json'
 FORMAT = 'ito_jax.records/1'
+# What array_record raises for a shard it cannot read (a truncated or
+# overwritten file: "Corrupted Riegeli/records file", "should be at least
+# 64KB big"), without naming the file.
+_SHARD_ERRORS = (RuntimeError, ValueError, OSError)
+
+
+class UnreadableSource(UserError, ValueError):
+  """A converted directory whose manifest or a shard cannot be read: the
+  message names the file and how to make it again."""
+
+
+def _reconvert(path: str) -> str:
+  return (f'convert the data into {path} again (`python -m ito_jax.data.convert ... '
+          f'--output={path}` into an empty directory)')
 
 
 # ----------------------------------------------------------------- converted dirs
@@ -34,7 +49,7 @@ class ArrayRecordSource:
     self.path = path
     self.manifest = read_manifest(path)
     self._files = [os.path.join(path, s['file']) for s in self.manifest['shards'] if s['records']]
-    self._data = grain.sources.ArrayRecordDataSource(self._files) if self._files else []
+    self._data = _open_shards(path, self._files) if self._files else []
 
   @property
   def name(self) -> str:
@@ -48,7 +63,12 @@ class ArrayRecordSource:
     return len(self._data)
 
   def __getitem__(self, index: int) -> records.RawRecord:
-    return records.decode(self._data[index], fallback_id=f'{os.path.basename(self.path)}#{index}')
+    try:
+      data = self._data[index]
+    except _SHARD_ERRORS as e:  # a shard damaged after its header
+      raise UnreadableSource(f'{self.path}: record {index} cannot be read '
+                             f'({type(e).__name__}: {e}); {_reconvert(self.path)}') from None
+    return records.decode(data, fallback_id=f'{os.path.basename(self.path)}#{index}')
 
   def __repr__(self) -> str:
     return f'ArrayRecordSource({self.path!r}, {len(self)} records)'
@@ -62,10 +82,29 @@ def read_manifest(path: str) -> dict:
         f'`python -m ito_jax.data.convert --kind=folder|tar|tfds --input=... --output={path}` '
         f'(an interrupted conversion writes the manifest when it is resumed and finishes).')
   with open(manifest_path) as f:
-    manifest = json.load(f)
-  if manifest.get('format') != FORMAT:
-    raise ValueError(f'{manifest_path}: format {manifest.get("format")!r}, expected {FORMAT!r}')
+    try:
+      manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise UnreadableSource(f'{manifest_path}: not a manifest ({e}); {_reconvert(path)}') from None
+  if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+    found = manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__
+    raise UnreadableSource(f'{manifest_path}: format {found!r}, expected {FORMAT!r}')
   return manifest
+
+
+def _open_shards(path: str, files: list[str]):
+  """grain's reader of the shards; one that cannot be opened is named."""
+  try:
+    return grain.sources.ArrayRecordDataSource(files)
+  except _SHARD_ERRORS as e:
+    for file in files:  # which one: array_record's message does not say
+      try:
+        grain.sources.ArrayRecordDataSource([file])
+      except _SHARD_ERRORS as one:
+        raise UnreadableSource(f'{file}: a shard of {path} cannot be read '
+                               f'({type(one).__name__}: {one}); {_reconvert(path)}') from None
+    raise UnreadableSource(f'{path}: its shards cannot be read together '
+                           f'({type(e).__name__}: {e}); {_reconvert(path)}') from None
 
 
 # ----------------------------------------------------------------- TFDS

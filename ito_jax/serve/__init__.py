@@ -31,7 +31,7 @@ from flax import nnx
 from PIL import Image
 
 from ito_jax import export as export_lib
-from ito_jax.cli import UserError
+from ito_jax.cli import UserError, template_problem
 from ito_jax.data import augment, records
 
 
@@ -86,7 +86,7 @@ class Embedder:
 
   def __init__(self, exported: export_lib.Export, max_batch: int = 64):
     if max_batch < 1:
-      raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+      raise InputError(f"max_batch must be >= 1, got {max_batch}")
     self.model_config = exported.model_config
     self.tokenizer = exported.tokenizer
     self.manifest = exported.manifest
@@ -210,9 +210,11 @@ class Embedder:
     templates = list(templates if templates is not None else self.manifest.get("templates") or ["{}"])
     if not classnames:
       raise InputError("classnames is empty")
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-      raise InputError(f"each template needs a '{{}}' for the class name; got {bad or templates}")
+    if not templates:
+      raise InputError("templates is empty")
+    problems = [p for p in map(template_problem, templates) if p]
+    if problems:
+      raise InputError(f"template {problems[0]}")
     prompts = [t.format(c) for c in classnames for t in templates]
     emb = self.embed_texts(prompts).reshape(len(classnames), len(templates), -1)
     mean = emb.mean(axis=1)
