@@ -43,6 +43,7 @@ from etils import epath
 from flax import nnx
 
 from configs import common
+from ito_jax.cli import BadArgument
 from ito_jax.export import flatten
 
 
@@ -78,7 +79,7 @@ def config_from_json(saved: dict) -> ml_collections.ConfigDict:
   try:
     config.update(saved)
   except (AttributeError, KeyError) as e:
-    raise ValueError(f"saved config has a field this version does not know: {e}") from e
+    raise BadArgument(f"saved config has a field this version does not know: {e}") from e
   return config
 
 
@@ -242,8 +243,8 @@ class Checkpointer:
                 f"{list(wanted[n][0])}" for n in sorted(set(stored) & set(wanted)) if stored[n] != wanted[n]]
     problems += [f"{n} only in the checkpoint" for n in sorted(set(stored) - set(wanted))]
     problems += [f"{n} only in this run" for n in sorted(set(wanted) - set(stored))]
-    if problems:
-      raise ValueError(
+    if problems:  # a --workdir of another config: one line from the commands, no traceback
+      raise BadArgument(
           f"checkpoint step {step} in {self.directory} does not fit this run's model "
           f"({len(problems)} arrays differ, e.g. {'; '.join(problems[:3])}). Config fields that "
           f"differ: {'; '.join(changed) or 'none'}. Use the checkpoint's settings or a new --workdir.")

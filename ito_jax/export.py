@@ -135,7 +135,8 @@ def _path(path) -> epath.Path:
 def write(params: dict, model_config: ml_collections.ConfigDict, tokenizer_path: str,
           export_dir: str, *, step: int, templates=(), trained_with_fusion: bool = False) -> str:
   """Writes an export from flat host arrays. The files go to a temporary
-  sibling directory first, which then replaces `export_dir`."""
+  sibling directory first, which then replaces `export_dir` (the old export
+  moved aside, and deleted only once the new one is in place)."""
   tokenizer_bytes = _path(tokenizer_path).read_bytes()
   try:
     vocab_size = Tokenizer(tokenizer_bytes).vocab_size
@@ -165,8 +166,21 @@ def write(params: dict, model_config: ml_collections.ConfigDict, tokenizer_path:
                             "vocab_size": vocab_size}}
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
   if export_dir.exists():
-    export_dir.rmtree()
-  tmp.rename(export_dir)
+    # The old export is set aside whole, not deleted, until the new one is in
+    # place: export_dir never holds a half-deleted export (rmtree first did,
+    # while it ran), and a failed rename puts the old one back.
+    old = export_dir.parent / f"{export_dir.name}.old-{os.getpid()}"
+    if old.exists():
+      old.rmtree()
+    export_dir.rename(old)
+    try:
+      tmp.rename(export_dir)
+    except BaseException:
+      old.rename(export_dir)
+      raise
+    old.rmtree()
+  else:
+    tmp.rename(export_dir)
   logging.info("export: %d parameters (%d arrays) written to %s",
                manifest["param_count"], len(entries), export_dir)
   return str(export_dir)

@@ -24,6 +24,8 @@ from absl import logging
 from etils import epath
 from tensorboardX import record_writer
 
+from ito_jax.cli import BadArgument
+
 TENSORBOARD_DIR = "tensorboard"
 # Event file names carry the second they were opened in; this keeps two opened
 # within one second by one process (a writer and its resumed successor) apart.
@@ -148,7 +150,7 @@ class MetricsWriter:
         if i == len(lines) - 1 and not line.endswith("\n"):  # a kill mid-write tears the last line
           logging.warning("%s: dropping its half-written last line %r", self.path, line[:60])
           continue
-        raise ValueError(f"{self.path}: line {i + 1} is not a JSON record ({e}); it was not "
+        raise BadArgument(f"{self.path}: line {i + 1} is not a JSON record ({e}); it was not "
                          "written by a killed run, so it is left for you to repair") from e
       if record["step"] <= step:
         kept.append(line if line.endswith("\n") else line + "\n")

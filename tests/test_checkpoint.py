@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import tiny_run
-from ito_jax import checkpoint
+from ito_jax import checkpoint, cli
 
 pytestmark = pytest.mark.slow
 STEP_DELAY = "0.1"  # seconds per step in interrupted runs, so kills land mid-run
@@ -294,7 +294,7 @@ def test_a_checkpoint_of_another_model_shape_is_refused_naming_the_field(tiny_re
   mesh = sharding.make_mesh(config)
   _, abstract = train.abstract_model_and_optimizer(config, mesh)
   ckpt = checkpoint.Checkpointer(ref["workdir"], config, read_only=True)
-  with pytest.raises(ValueError, match=r"does not fit this run's model .*arrays differ.*"
+  with pytest.raises(cli.BadArgument, match=r"does not fit this run's model .*arrays differ.*"
                      r"Config fields that differ: model\.embed_dim \(checkpoint 32, now 16\)\."):
     ckpt.restore(abstract)
 
@@ -336,3 +336,11 @@ def test_close_waits_for_the_start_up_cleanup_of_temporary_directories(tmp_path,
   assert finished == []  # still running in the background
   ckpt.close()
   assert finished == [str(ckpt.directory)]
+
+
+def test_a_saved_config_with_a_field_this_version_lacks_is_a_one_line_error():
+  """A workdir written by a newer ito_jax: refused naming the field, as a
+  command-line mistake (no traceback), not a bug."""
+  with pytest.raises(cli.BadArgument, match="saved config has a field this version does not know: "
+                     ".*model_v9"):
+    checkpoint.config_from_json({"model_v9": 1})

@@ -388,3 +388,35 @@ def test_serving_fits_images_as_the_exported_config_says(micro_export, tmp_path)
   shutil.copytree(micro_export, older)
   _edit_json(older, export.CONFIG, lambda c: c["image"].pop("eval_resize"))
   assert serve.load(older).eval_resize == "squash"
+
+
+def test_a_failed_replacement_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+  """Writing over an export: until the new one is in place, the old one is
+  whole at its path or set aside, never half deleted; a rename that fails
+  puts it back, and a later write replaces it and leaves nothing behind."""
+  from etils import epath
+
+  config = data_helpers.micro_config()
+  tokenizer_lib.train_tokenizer([f"a red circle number {i}" for i in range(30)],
+                                str(tmp_path / "tok.model"), 64)
+  params = _micro_params(config)
+  path = str(tmp_path / "export")
+  export.write(params, config.model, str(tmp_path / "tok.model"), path, step=1)
+  before = {name: (tmp_path / "export" / name).read_bytes() for name in export.FILES}
+
+  rename = epath.Path.rename
+
+  def failing(self, target):
+    if ".tmp-" in self.name:
+      raise OSError("disk gone")
+    return rename(self, target)
+
+  monkeypatch.setattr(type(epath.Path(path)), "rename", failing)
+  with pytest.raises(OSError, match="disk gone"):
+    export.write(params, config.model, str(tmp_path / "tok.model"), path, step=2)
+  monkeypatch.undo()
+  assert {name: (tmp_path / "export" / name).read_bytes() for name in export.FILES} == before
+  assert export.load(path).manifest["step"] == 1
+  export.write(params, config.model, str(tmp_path / "tok.model"), path, step=3)
+  assert export.load(path).manifest["step"] == 3
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("export")) == ["export"]

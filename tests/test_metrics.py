@@ -8,7 +8,7 @@ from etils import epath
 from tensorboardX.proto import event_pb2
 
 from configs import common, tiny_cpu
-from ito_jax import train
+from ito_jax import cli, train
 from ito_jax.data import tokenizer as tokenizer_lib
 from ito_jax.evaluate import embeddings
 from ito_jax.metrics import MetricsWriter, read_jsonl
@@ -86,7 +86,7 @@ def test_a_half_written_last_line_is_dropped_on_resume_and_other_damage_is_named
     resumed.write(30, {"loss": 1.5})
   assert [(r["step"], r["loss"]) for r in read_jsonl(path)] == [(10, 2.5), (20, 2.0), (30, 1.5)]
   path.write_text('{"step": 10, "loss": 2.5}\nnot json\n{"step": 20, "loss": 2.0}\n')
-  with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not a JSON record"):
+  with pytest.raises(cli.BadArgument, match="metrics.jsonl: line 2 is not a JSON record"):
     MetricsWriter(tmp_path, tensorboard=False).truncate_after(20)
 
 

@@ -59,3 +59,18 @@ def test_loadtest_ends_when_the_server_stops_listening():
   report = loadtest.run(f"http://127.0.0.1:{port}", clients=2, seconds=20, kind="text")
   assert time.monotonic() - start < 10
   assert report.errors >= 1 and "stopped listening; the load test ends here" in report.first_error
+
+
+@pytest.mark.parametrize("args, message", [
+    (["http", "--export=x", "--port=99999"], "argument --port: 99999 is out of range: expected 0 to 65535"),
+    (["http", "--export=x", "--max_batch=0"], "argument --max_batch: 0 is out of range: expected at least 1"),
+    (["embed", "--export=x", "--out=o.npy", "--max_batch=two"], "argument --max_batch: 'two' is not an integer"),
+    (["loadtest", "--url=http://127.0.0.1:1", "--clients=0"], "argument --clients: 0 is out of range"),
+])
+def test_a_flag_out_of_range_is_a_usage_error(args, message, capsys):
+  """Not a traceback from deep in socketserver (an OverflowError for the port)
+  or the embedder: argparse's usage line and the flag, before anything loads."""
+  with pytest.raises(SystemExit) as e:
+    main(args)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err

@@ -113,6 +113,24 @@ def _loadtest(args) -> int:
   return 1 if report.errors else 0
 
 
+def _int_in(low: int, high: int | None = None):
+  """An argparse type: an integer in [low, high], else argparse's usage error."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low or (high is not None and value > high):
+      raise argparse.ArgumentTypeError(
+          f"{value} is out of range: expected {low} to {high}" if high is not None
+          else f"{value} is out of range: expected at least {low}")
+    return value
+  return parse
+
+
+POSITIVE = _int_in(1)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m ito_jax.serve", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,21 +141,21 @@ def main(argv=None) -> int:
   p.add_argument("--images", nargs="+")
   p.add_argument("--texts")
   p.add_argument("--out", required=True)
-  p.add_argument("--max_batch", type=int, default=64)
+  p.add_argument("--max_batch", type=POSITIVE, default=64)
   p.set_defaults(fn=_embed)
 
   p = sub.add_parser("http", help="serve embeddings over HTTP (JSON)")
   p.add_argument("--export", required=True)
   p.add_argument("--host", default="127.0.0.1")
-  p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-  p.add_argument("--max_batch", type=int, default=64, help="rows per forward pass")
+  p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="0 picks a free port")
+  p.add_argument("--max_batch", type=POSITIVE, default=64, help="rows per forward pass")
   p.add_argument("--max_wait_ms", type=float, default=2.0,
                  help="how long a forward pass waits for more requests to join")
-  p.add_argument("--max_items", type=int, default=32, help="texts or images per request")
-  p.add_argument("--max_body_bytes", type=int, default=8 << 20)
-  p.add_argument("--max_text_chars", type=int, default=1000)
-  p.add_argument("--max_image_bytes", type=int, default=4 << 20)
-  p.add_argument("--max_image_pixels", type=int, default=4096 * 4096)
+  p.add_argument("--max_items", type=POSITIVE, default=32, help="texts or images per request")
+  p.add_argument("--max_body_bytes", type=POSITIVE, default=8 << 20)
+  p.add_argument("--max_text_chars", type=POSITIVE, default=1000)
+  p.add_argument("--max_image_bytes", type=POSITIVE, default=4 << 20)
+  p.add_argument("--max_image_pixels", type=POSITIVE, default=4096 * 4096)
   p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                  help="compile every batch size before accepting requests")
   p.set_defaults(fn=_http)
@@ -145,11 +163,11 @@ def main(argv=None) -> int:
   p = sub.add_parser("loadtest", help="bounded load test of the HTTP service")
   p.add_argument("--export", help="start a server on this export (child process)")
   p.add_argument("--url", help="or test a running server, e.g. http://127.0.0.1:8000")
-  p.add_argument("--clients", type=int, default=8)
+  p.add_argument("--clients", type=POSITIVE, default=8)
   p.add_argument("--seconds", type=float, default=10.0)
   p.add_argument("--kind", choices=("text", "image", "mixed"), default="mixed")
-  p.add_argument("--texts_per_request", type=int, default=4)
-  p.add_argument("--images_per_request", type=int, default=1)
+  p.add_argument("--texts_per_request", type=POSITIVE, default=4)
+  p.add_argument("--images_per_request", type=POSITIVE, default=1)
   p.add_argument("--json_out", help="also write the figures here as JSON")
   p.set_defaults(fn=_loadtest)
 
