@@ -274,7 +274,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   common.validate(config, jax.device_count(), jax.process_count(), jax.default_backend())
   mesh = sharding.make_mesh(config)
   sharding.check_divisible(config, mesh)  # before any data is generated or read
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  except FileExistsError:  # "[Errno 17] File exists" says less
+    raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory") from None
   ckpt = checkpoint.Checkpointer(workdir, config)
   # Whichever way the loop ends, leaving this block closes what the run holds,
   # the checkpoint manager last: it waits for a save under way, so after an

@@ -35,7 +35,7 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
   (tmp_path / "file").write_text("")
   rc, err = _main("--config=configs/tiny_cpu.py", f"--workdir={tmp_path / 'file'}")
   assert rc == 1 and "Traceback" not in err, err[-2000:]
-  assert f"error: [Errno 17] File exists: '{tmp_path / 'file'}'" in err
+  assert f"error: --workdir={tmp_path / 'file'} is a file, not a directory" in err
 
 
 @pytest.mark.slow  # starts ito_jax.main
