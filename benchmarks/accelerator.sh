@@ -10,7 +10,8 @@
 #
 # Every line of every run goes to LOGDIR/accelerator.log (default
 # workdirs/accelerator); `grep -E "^(==|step_s|examples|mfu|compiled_temp)"`
-# on it gives the table in benchmarks/RESULTS.md.
+# on it gives the table in benchmarks/RESULTS.md. A failed or timed-out run
+# does not stop the list; the script ends naming them, with exit status 1.
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -22,6 +23,7 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$LOGDIR"
 LOG="$LOGDIR/accelerator.log"
 : >"$LOG"
+FAILED=()
 
 run() {  # run NAME ARGS...: one bench process, its output appended to the log
   local name=$1
@@ -31,6 +33,9 @@ run() {  # run NAME ARGS...: one bench process, its output appended to the log
   timeout "$RUN_TIMEOUT" "$PYTHON" -m ito_jax.bench "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+  if [ "$rc" -ne 0 ]; then
+    FAILED+=("$name")
+  fi
 }
 
 B16=(--config.batch_size="$BATCH" --steps="$STEPS")
@@ -47,3 +52,9 @@ run clip_b16_accumulation4 --config=configs/clip_vit_b16.py --config.batch_size=
 run clip_b16_remat_full --config=configs/clip_vit_b16.py --config.batch_size="$BATCH" --steps=3 \
   --config.model.remat=full
 run siglip_b16 --config=configs/siglip_vit_b16.py "${B16[@]}"
+
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo "== failed: ${FAILED[*]}" | tee -a "$LOG"
+  exit 1
+fi
+echo "== every run finished" | tee -a "$LOG"
