@@ -42,7 +42,7 @@ def template_problem(template) -> str | None:
     return f"{template!r} is not a string"
   try:
     filled = template.format("\0"), template.format("\1")
-  except (IndexError, KeyError, ValueError) as e:
+  except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
     return (f"{template!r} takes one '{{}}' for the class name and no other field "
             f"({type(e).__name__}: {e})")
   if filled[0] == filled[1]:

@@ -88,6 +88,10 @@ def test_message_of_a_user_error_raised_from_another_is_its_own():
                              "field (KeyError: 'name')"),
     ("{} and {}", "'{} and {}' takes one '{}' for the class name and no other field (IndexError"),
     ("a {", "'a {' takes one '{}' for the class name and no other field (ValueError"),
+    ("a {0.name}", "'a {0.name}' takes one '{}' for the class name and no other field (AttributeError"),
+    ("a {0[kind]}", "'a {0[kind]}' takes one '{}' for the class name and no other field (TypeError"),
+    ("{{}} {}", None),
+    ("{{}}", "'{{}}' has no '{}' for the class name"),
     (3, "3 is not a string"),
 ])
 def test_template_problem_names_what_a_template_lacks(template, problem):

@@ -163,6 +163,8 @@ def test_a_damaged_converted_source_is_named_by_its_file(tmp_path):
   assert source[3].id and source[8].id  # the other shards read
   with pytest.raises(sources.UnreadableSource, match=f'{out}: record 4 cannot be read .*Corrupted'):
     source[4]
+  with pytest.raises(IndexError, match=f'record 12 of {out}, which holds 12'):
+    source[12]  # past the end: the caller's mistake, not a damaged source
   with open(shards[1], 'wb') as f:
     f.write(whole)
   assert len(sources.ArrayRecordSource(out)) == 12

@@ -63,6 +63,8 @@ class ArrayRecordSource:
     return len(self._data)
 
   def __getitem__(self, index: int) -> records.RawRecord:
+    if not 0 <= index < len(self):  # a caller's mistake, not damage to the source
+      raise IndexError(f'record {index} of {self.path}, which holds {len(self)}')
     try:
       data = self._data[index]
     except _SHARD_ERRORS as e:  # a shard damaged after its header
