@@ -151,7 +151,7 @@ class MetricsWriter:
           logging.warning("%s: dropping its half-written last line %r", self.path, line[:60])
           continue
         raise BadArgument(f"{self.path}: line {i + 1} is not a JSON record ({e}); it was not "
-                         "written by a killed run, so it is left for you to repair") from e
+                          "written by a killed run, so it is left for you to repair") from e
       if record["step"] <= step:
         kept.append(line if line.endswith("\n") else line + "\n")
     if self._remote:  # an object write replaces the object atomically

@@ -192,39 +192,50 @@ def test_restore_onto_a_different_mesh(tiny_reference_run):
   assert placed["kernel_spec"] == "P('fsdp', None)" and placed["devices"] == [0, 1]
 
 
-def test_resume_with_grain_workers_restarts_the_data_stream_instead_of_crashing(tiny_reference_run):
-  """The reference run saved the in-process pipeline's position; with
-  data.num_workers = 1 the iterator's state has another structure (one per
-  worker), which grain cannot take. The model and optimizer resume, the data
-  stream restarts from its seed, and a warning names the field."""
+def _restore_with_data(ref, workdir, config, checkpointer_config=None):
+  """Restores the latest checkpoint in `workdir` onto `config`'s model with
+  `config`'s data stream (the Checkpointer judges the saved position against
+  `checkpointer_config`, default `config`). Returns (step, the absl warnings
+  logged, whether the stream's next batch is a fresh stream's first)."""
   from absl import logging as absl_logging
   from ito_jax import sharding, train
   from ito_jax.data import pipeline
 
-  ref = tiny_reference_run
-  config = tiny_run.config(ref["data_dir"])
-  config.data.num_workers = 1
   mesh = sharding.make_mesh(config)
   _, abstract = train.abstract_model_and_optimizer(config, mesh)
   _, tokenizer = train.prepare_inputs(config, ref["workdir"])
   data = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
+  fresh = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
   warnings = []
   handler = logging.Handler()
   handler.emit = lambda record: warnings.append(record.getMessage())
   absl_logging.get_absl_logger().addHandler(handler)
   try:
-    _, step = checkpoint.Checkpointer(ref["workdir"], config, read_only=True).restore(abstract, data)
+    ckpt = checkpoint.Checkpointer(str(workdir), checkpointer_config or config, read_only=True)
+    _, step = ckpt.restore(abstract, data)
+    first, expected = next(data), next(fresh)
   finally:
     absl_logging.get_absl_logger().removeHandler(handler)
+    for it in (data, fresh):
+      if hasattr(it, "close"):
+        it.close()
+  restarted = all(np.array_equal(first[k], expected[k]) for k in ("images", "tokens"))
+  return step, warnings, restarted
+
+
+def test_resume_with_grain_workers_restarts_the_data_stream_instead_of_crashing(tiny_reference_run):
+  """The reference run saved the in-process pipeline's position; with
+  data.num_workers = 1 the iterator's state has another structure (one per
+  worker), which grain cannot take. The model and optimizer resume, the data
+  stream restarts from its seed, and a warning names the field."""
+  ref = tiny_reference_run
+  config = tiny_run.config(ref["data_dir"])
+  config.data.num_workers = 1
+  step, warnings, restarted = _restore_with_data(ref, ref["workdir"], config)
   assert step == tiny_run.TOTAL_STEPS
   assert any("data.num_workers (checkpoint 0, now 1)" in w and "restarts from its seed" in w
              for w in warnings), warnings
-  fresh = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
-  first, expected = next(data), next(fresh)
-  assert all(np.array_equal(first[k], expected[k]) for k in ("images", "tokens"))
-  for it in (data, fresh):
-    if hasattr(it, "close"):
-      it.close()
+  assert restarted
 
 
 def test_an_older_data_format_of_a_mixed_source_run_restarts_the_stream(tiny_reference_run, tmp_path):
@@ -235,10 +246,6 @@ def test_an_older_data_format_of_a_mixed_source_run_restarts_the_stream(tiny_ref
   End to end: the reference run's last checkpoint, rewritten as an older
   ito_jax wrote it for two sources (no `data_format` in its meta), restores
   its model, and its data stream restarts with a warning naming the format."""
-  from absl import logging as absl_logging
-  from ito_jax import sharding, train
-  from ito_jax.data import pipeline
-
   two = {"data": {"sources": [["/a", 1.0], ["/b", 1.0]], "num_workers": 0}, "partial": {"enabled": False}}
   one = {"data": {"sources": ["/a"], "num_workers": 0}, "partial": {"enabled": False}}
   assert checkpoint.data_layout_changes(two, two) == []
@@ -256,31 +263,15 @@ def test_an_older_data_format_of_a_mixed_source_run_restarts_the_stream(tiny_ref
     edit(saved)
     path.write_text(json.dumps(saved))
 
-  config = tiny_run.config(ref["data_dir"])  # the data stream: one source, as saved
-  mesh = sharding.make_mesh(config)
-  _, abstract = train.abstract_model_and_optimizer(config, mesh)
-  _, tokenizer = train.prepare_inputs(config, ref["workdir"])
-  data = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
   mixed = tiny_run.config(ref["data_dir"])
   mixed.data.sources = tuple(tuple(s) for s in sources)
-  warnings = []
-  handler = logging.Handler()
-  handler.emit = lambda record: warnings.append(record.getMessage())
-  absl_logging.get_absl_logger().addHandler(handler)
-  try:
-    _, step = checkpoint.Checkpointer(str(workdir), mixed, read_only=True).restore(abstract, data)
-  finally:
-    absl_logging.get_absl_logger().removeHandler(handler)
+  # The data stream is the saved one's (one source); the Checkpointer sees the two.
+  step, warnings, restarted = _restore_with_data(ref, workdir, tiny_run.config(ref["data_dir"]), mixed)
   assert step == tiny_run.TOTAL_STEPS
   assert any(f"data position format 1 (an older ito_jax mixed several sources differently), "
              f"now {checkpoint.DATA_FORMAT}" in w and "restarts from its seed" in w
              for w in warnings), warnings
-  fresh = iter(pipeline.train_dataset(config, tokenizer, data_dir=ref["data_dir"]))
-  first, expected = next(data), next(fresh)
-  assert all(np.array_equal(first[k], expected[k]) for k in ("images", "tokens"))
-  for it in (data, fresh):
-    if hasattr(it, "close"):
-      it.close()
+  assert restarted
 
 
 def test_a_checkpoint_of_another_model_shape_is_refused_naming_the_field(tiny_reference_run):

@@ -195,7 +195,7 @@ def convert(kind: str, input_path: str, output: str, options: Options = Options(
       previous = json.load(f)
     if previous != json.loads(json.dumps(plan)):
       raise cli.BadArgument(f'{output} holds a conversion of other input or options '
-                       f'({plan_path}); use a new --output or delete it')
+                            f'({plan_path}); use a new --output or delete it')
   else:
     _write_json(plan_path, plan)
 
