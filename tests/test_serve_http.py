@@ -299,7 +299,10 @@ def test_load_test_reports_figures_with_no_errors(server):
   report = loadtest.run(server.url, clients=3, seconds=1.0, kind="mixed", texts_per_request=2)
   summary = report.summary()
   assert report.errors == 0, report.first_error
-  assert report.requests > 3 and summary["requests_per_sec"] > 0
+  # Each client finished at least one request. Not more: without warm-up a new
+  # batch size compiles mid-test, and on a loaded machine the first round alone
+  # took 1.2 s of the 1 s window (3 requests; `> 3` failed there).
+  assert report.requests >= 3 and summary["requests_per_sec"] > 0
   assert 0 < summary["latency_p50_ms"] <= summary["latency_p99_ms"] <= summary["latency_max_ms"]
   assert "requests_per_sec" in report.table()
   assert 1 <= summary["forward_passes"] <= report.requests  # read from the server's /health
