@@ -122,7 +122,7 @@ class MetricsWriter:
       # of this run, matching truncate_after() on the jsonl.
       self._summary_writer = tensorboardX.SummaryWriter(
           os.fspath(self.workdir / TENSORBOARD_DIR), purge_step=self._purge_step,
-          flush_secs=self._flush_secs, filename_suffix=f".{os.getpid()}.{next(_event_files)}")
+          flush_secs=self._flush_secs, filename_suffix=f".{os.getpid()}.{next(_event_files):06d}")
     step = record["step"]
     for name, value in record.items():
       if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -76,6 +76,18 @@ def test_truncate_after_drops_later_lines_and_purges_them_in_tensorboard(tmp_pat
   assert starts == [11] and scalars(second) == {("loss", 20): 1.5}
 
 
+def test_event_files_sort_in_opening_order_past_the_tenth(tmp_path, monkeypatch):
+  """Event file names sort as text (here and in TensorBoard): with the
+  process's counter unpadded, a writer's 10th file sorted before its 9th when
+  both opened within one second, so the purge above applied backwards (seen
+  in make test, where one worker opens many writers)."""
+  import itertools
+
+  from ito_jax import metrics
+  monkeypatch.setattr(metrics, "_event_files", itertools.count(9))
+  test_truncate_after_drops_later_lines_and_purges_them_in_tensorboard(tmp_path)
+
+
 def test_a_half_written_last_line_is_dropped_on_resume_and_other_damage_is_named(tmp_path):
   """A run killed while appending leaves a torn last line; its resume must
   not die on it. A bad line anywhere else was not a torn write: refused."""
